@@ -1,0 +1,152 @@
+"""Cases that run inside one 4-process gloo world (spawned once by tests/test_distributed.py).
+
+World sizes 1-3 run on subgroups of the 4 ranks (ZeroAdamW takes ``process_group``); ranks
+outside a case's subgroup skip it. Each case's result is JSON, checked by the parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+
+import torch
+import torch.distributed as dist
+from _models import batch, loss_fn, make_model, named_groups
+from _parity import MICRO, run_parity
+
+from zero_adam import ZeroAdamW
+
+PARITY = [
+    dict(name="plain", stage=1), dict(name="plain", stage=2),
+    dict(name="clip_accum", stage=1, clip=0.05, accum=3),
+    dict(name="clip_accum", stage=2, clip=0.05, accum=3),
+    dict(name="clip_accum_local", stage=2, clip=0.05, accum=3, accumulate="local"),
+    dict(name="bf16_accum", stage=1, dtype="bf16", accum=2, clip=0.1),
+    dict(name="bf16_accum", stage=2, dtype="bf16", accum=2, clip=0.1),
+]
+
+
+def parity_all() -> dict:
+    """Every parity case on world sizes 1-4."""
+    groups = {ws: dist.new_group(list(range(ws))) for ws in (1, 2, 3, 4)}
+    results = {}
+    for ws, group in groups.items():
+        for case in PARITY:
+            key = f"{case['name']}-stage{case['stage']}-ws{ws}"
+            if dist.get_rank() < ws:
+                results[key] = _guard(run_parity, case, group)
+            dist.barrier()
+    return results
+
+
+def behaviour_all() -> dict:
+    """Non-parity behaviour on 2-3 ranks: errors, unused params, state dicts."""
+    g2, g3 = dist.new_group([0, 1]), dist.new_group([0, 1, 2])
+    out = {}
+    for name, fn, group, ws in [
+        ("unused", unused_params, g3, 3), ("mismatch", mismatched_models, g2, 2),
+        ("ddp", ddp_wrapped, g2, 2), ("roundtrip1", lambda g: roundtrip(g, 1), g3, 3),
+        ("roundtrip2", lambda g: roundtrip(g, 2), g3, 3), ("second_backward", second_backward, g2, 2),
+    ]:
+        if dist.get_rank() < ws:
+            out[name] = _guard(fn, group)
+        dist.barrier()
+    return out
+
+
+def _guard(fn, *args) -> dict:
+    try:
+        return fn(*args)
+    except Exception as e:  # reported to the parent, which asserts on it
+        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+
+
+def unused_params(group) -> dict:
+    """'spare' is used on rank 0 only; 'never' gets no gradient anywhere: no hang, same params."""
+    model = make_model(unused=True)
+    model.never = torch.nn.Parameter(torch.randn(3))
+    spare0 = model.spare.detach().clone()
+    never = model.never.detach().clone()
+    opt = ZeroAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, process_group=group, bucket_mb=0.004)
+    ref = torch.optim.AdamW([never], lr=1e-2, weight_decay=0.1)
+    rank, ws = dist.get_rank(group), dist.get_world_size(group)
+    for step in range(4):
+        x, y = batch(step, MICRO)
+        b = MICRO // ws
+        loss = loss_fn(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b])
+        if rank == 0:
+            loss = loss + model.spare.square().mean()
+        loss.backward()
+        opt.step()
+        never.grad = torch.zeros_like(never)
+        ref.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = [torch.empty_like(flat) for _ in range(ws)]
+    dist.all_gather(everyone, flat, group=group)
+    return {"same": all(torch.equal(everyone[0], t) for t in everyone),
+            "spare_moved": not torch.equal(model.spare.detach(), spare0),
+            "never_vs_zero_grad_adamw": (model.never.detach() - never).abs().max().item()}
+
+
+def mismatched_models(group) -> dict:
+    hidden = 257 if dist.get_rank(group) == 0 else 256
+    ZeroAdamW(make_model(hidden=hidden).parameters(), process_group=group)
+    return {"constructed": True}
+
+
+def ddp_wrapped(group) -> dict:
+    model = torch.nn.parallel.DistributedDataParallel(make_model(), process_group=group)
+    ZeroAdamW(model.parameters(), process_group=group)
+    return {"constructed": True}
+
+
+def second_backward(group) -> dict:
+    """Stage 1 reduces once per step: a second backward without no_sync is refused clearly."""
+    model = make_model()
+    ZeroAdamW(model.parameters(), process_group=group, stage=1)
+    x, y = batch(0, 4)
+    loss_fn(model, x, y).backward()
+    loss_fn(model, x, y).backward()
+    return {"second_backward_accepted": True}
+
+
+def roundtrip(group, stage: int) -> dict:
+    """state_dict after 3 steps, 3 more steps; a fresh optimizer loading it repeats them exactly."""
+    rank, ws = dist.get_rank(group), dist.get_world_size(group)
+
+    def train(model, opt, steps):
+        for step in steps:
+            x, y = batch(step, MICRO)
+            b = MICRO // ws
+            loss_fn(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]).backward()
+            opt.step()
+
+    def build():
+        model = make_model()
+        return model, ZeroAdamW(named_groups(model), lr=1e-2, process_group=group, stage=stage,
+                                bucket_mb=0.004, param_dtype=torch.bfloat16)
+
+    model, opt = build()
+    train(model, opt, range(3))
+    saved = _clone(opt.state_dict())
+    train(model, opt, range(3, 6))
+    model2, opt2 = build()
+    opt2.load_state_dict(saved)
+    train(model2, opt2, range(3, 6))
+    same = all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    other = _clone(saved)
+    other["zero_adam"]["world_size"] = ws + 1
+    with contextlib.suppress(ValueError):
+        opt2.load_state_dict(other)
+        return {"same": same, "wrong_world_refused": False}
+    return {"same": same, "wrong_world_refused": True}
+
+
+def _clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    return obj

@@ -1,0 +1,141 @@
+"""Flat, contiguous per-bucket buffers on one rank.
+
+Model parameters become views into a bucket's parameter buffer, so the all-gather writes straight
+into the model with no copy. The rank's shard ``[lo, hi)`` of that buffer is what its optimizer
+updates; FP32 master and moments exist only for that shard. Gradients go into a bucket-shaped
+buffer (kept in stage 1, allocated per reduction in stage 2) and end in an FP32 gradient shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .plan import Bucket, Plan
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def master_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """16-bit params keep an FP32 master; wider params are their own master (no copy)."""
+    return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
+
+
+class FlatBucket:
+    """One bucket's tensors on this rank. Holds storage only; ``hooks.GradSync`` drives it."""
+
+    def __init__(
+        self, plan: Plan, bucket: Bucket, params: Sequence[torch.Tensor], *, rank: int,
+        world_size: int, device: torch.device, reduce_dtype: torch.dtype, keep_full_grad: bool,
+        amsgrad: bool,
+    ) -> None:
+        self.bucket = bucket
+        self.params = list(params)
+        self.lo, self.hi = plan.shard_range(bucket, rank, world_size)
+        padded = plan.padded_numel(bucket, world_size)
+        shard = self.hi - self.lo
+        mdtype = master_dtype(bucket.dtype)
+        self.param_buffer = torch.zeros(padded, dtype=bucket.dtype, device=device)
+        self.param_shard = self.param_buffer[self.lo:self.hi]
+        if mdtype == bucket.dtype:
+            self.master = self.param_shard
+        else:
+            self.master = torch.zeros(shard, dtype=mdtype, device=device)
+            for piece in plan.pieces(bucket, rank, world_size):
+                src = self.params[self._slot_of(piece.param)].detach().reshape(-1)
+                n = piece.param_hi - piece.param_lo
+                self.master[piece.shard_lo:piece.shard_lo + n].copy_(src[piece.param_lo:piece.param_hi])
+        self._bind_params()
+        self.exp_avg = torch.zeros(shard, dtype=mdtype, device=device)
+        self.exp_avg_sq = torch.zeros(shard, dtype=mdtype, device=device)
+        self.max_exp_avg_sq = torch.zeros(shard, dtype=mdtype, device=device) if amsgrad else None
+        self.step = torch.zeros((), dtype=torch.float32, device=device)
+        self._padded, self._reduce_dtype, self._device = padded, reduce_dtype, device
+        self.full_grad: torch.Tensor | None = None
+        if keep_full_grad:
+            self.full_grad = torch.zeros(padded, dtype=reduce_dtype, device=device)
+        if self.full_grad is not None and reduce_dtype == mdtype:
+            self.grad_shard = self.full_grad[self.lo:self.hi]
+        else:
+            self.grad_shard = torch.zeros(shard, dtype=mdtype, device=device)
+
+    def _slot_of(self, param_index: int) -> int:
+        for i, s in enumerate(self.bucket.slots):
+            if s.param == param_index:
+                return i
+        raise KeyError(param_index)
+
+    def _bind_params(self) -> None:
+        for slot, p in zip(self.bucket.slots, self.params):
+            view = self.param_buffer[slot.offset:slot.offset + slot.numel]
+            view.copy_(p.detach().reshape(-1))
+            p.data = view.view(p.shape)
+
+    # -- gradients ------------------------------------------------------------------------------
+    @property
+    def grad_shard_aliases_full(self) -> bool:
+        """Stage 1 with an FP32 buffer: the reduced shard lives inside the full gradient buffer."""
+        return self.full_grad is not None and self.grad_shard._base is self.full_grad
+
+    def full_grad_buffer(self) -> torch.Tensor:
+        """The bucket-shaped gradient buffer, allocated on first use (stage 2)."""
+        if self.full_grad is None:
+            self.full_grad = torch.empty(self._padded, dtype=self._reduce_dtype, device=self._device)
+            self.full_grad[self.bucket.numel:].zero_()
+        return self.full_grad
+
+    def put_grad(self, slot_index: int, grad: torch.Tensor, first: bool) -> None:
+        """Copy (first contribution in this local window) or add a parameter's gradient."""
+        slot = self.bucket.slots[slot_index]
+        view = self.full_grad_buffer()[slot.offset:slot.offset + slot.numel]
+        if first:
+            view.copy_(grad.reshape(-1))
+        else:
+            view.add_(grad.reshape(-1))
+
+    def zero_slots(self, slot_indices: Sequence[int]) -> None:
+        """Params that got no gradient in this local window contribute zeros."""
+        full = self.full_grad_buffer()
+        for i in slot_indices:
+            s = self.bucket.slots[i]
+            full[s.offset:s.offset + s.numel].zero_()
+
+    def take_reduced(self, first: bool) -> None:
+        """Move the reduced shard out of the full buffer into the FP32 gradient shard."""
+        assert self.full_grad is not None
+        if self.grad_shard_aliases_full:
+            return
+        reduced = self.full_grad[self.lo:self.hi]
+        if first:
+            self.grad_shard.copy_(reduced)
+        else:
+            self.grad_shard.add_(reduced)
+
+    def release_full_grad(self) -> None:
+        """Stage 2: drop the bucket-shaped gradient once its shard has been taken."""
+        self.full_grad = None
+
+    # -- parameters -----------------------------------------------------------------------------
+    def publish_master(self) -> None:
+        """Write the updated master shard into this rank's slice of the param buffer."""
+        if self.master is not self.param_shard:
+            self.param_shard.copy_(self.master)
+
+    def check_bound(self) -> None:
+        """Fail loudly if a param was moved or replaced after the optimizer bound it."""
+        for slot, p in zip(self.bucket.slots, self.params):
+            view = self.param_buffer[slot.offset:slot.offset + slot.numel]
+            if p.data_ptr() != view.data_ptr() or p.dtype != view.dtype:
+                raise RuntimeError(
+                    "a parameter was moved, cast or replaced after ZeroAdamW was created (for "
+                    "example by model.to(), model.half() or assigning param.data); its values now "
+                    "live outside the optimizer's buffers. Create ZeroAdamW after the model has its "
+                    "final device and dtype.")
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"step": self.step, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
+               "master": self.master}
+        if self.max_exp_avg_sq is not None:
+            out["max_exp_avg_sq"] = self.max_exp_avg_sq
+        return out

@@ -1,0 +1,228 @@
+"""``ZeroAdamW``: a ``torch.optim.Optimizer`` that shards AdamW over a data-parallel group.
+
+It only orchestrates: ``plan`` decides where every element lives, ``flat`` holds the buffers,
+``hooks`` moves gradients in, ``kernel`` updates the local shard and ``comm`` runs collectives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from . import kernel, validate
+from .comm import Comm
+from .flat import FlatBucket
+from .hooks import GradSync
+from .options import ShardingOptions
+from .plan import ParamSpec, Plan, build_plan
+
+
+class ZeroAdamW(torch.optim.Optimizer):
+    """AdamW whose FP32 master weights, moments (and, at stage 2, gradients) are sharded.
+
+    Use it instead of ``torch.optim.AdamW`` *and* instead of DDP: do not wrap the model. After
+    ``step()`` every rank holds the parameters ``torch.optim.AdamW`` would compute from the
+    gradient averaged over the group. Gradients live in the optimizer's buffers, so ``param.grad``
+    is ``None`` after backward. A trainable parameter that gets no gradient in a step is treated
+    as having a zero gradient (as with DDP); plain AdamW would skip it instead.
+    """
+
+    def __init__(
+        self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+        amsgrad: bool = False, *, maximize: bool = False, process_group: Any = None,
+        stage: int = 2, bucket_mb: float = 25.0, param_dtype: torch.dtype | None = None,
+        reduce_dtype: torch.dtype = torch.float32, max_grad_norm: float | None = None,
+        accumulate: str | None = None, reduce_collective: str = "auto",
+        gather_collective: str = "auto", sync_params: bool = True, foreach: bool | None = None,
+        fused: bool | None = None, capturable: bool = False, differentiable: bool = False,
+    ) -> None:
+        del foreach, fused  # accepted for drop-in compatibility: the fused kernel is always used
+        validate.check_unsupported(capturable=capturable, differentiable=differentiable)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize)
+        validate.check_hyperparams(defaults)
+        self.options = ShardingOptions(
+            stage=stage, bucket_mb=bucket_mb, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+            max_grad_norm=max_grad_norm, accumulate=accumulate, sync_params=sync_params,
+            reduce_collective=reduce_collective, gather_collective=gather_collective)
+        self._constructing = True
+        super().__init__(params, defaults)
+        self._constructing = False
+        for gi, group in enumerate(self.param_groups):
+            validate.check_hyperparams(group, where=f"param group {gi}")
+        self.comm = Comm(process_group, reduce_collective=reduce_collective,
+                         gather_collective=gather_collective)
+        tensors, specs = self._trainable()
+        device = validate.check_params(tensors, [s.key for s in specs])
+        self.plan: Plan = build_plan(specs, bucket_numel=self.options.bucket_numel)
+        self._check_ranks_agree(device)
+        if self.options.sync_params:
+            self._broadcast_initial(tensors)
+        with torch.no_grad():
+            self.buckets = [
+                FlatBucket(self.plan, b, [tensors[s.param] for s in b.slots], rank=self.comm.rank,
+                           world_size=self.comm.world_size, device=device,
+                           reduce_dtype=self.options.reduce_dtype,
+                           keep_full_grad=self.options.stage == 1,
+                           amsgrad=any(g["amsgrad"] for g in self.param_groups))
+                for b in self.plan.buckets]
+        self._sync = GradSync(self.buckets, self.comm, accumulate=self.options.accumulate,
+                              release_full=self.options.stage == 2)
+        self.last_grad_norm: float = math.nan
+
+    # -- construction helpers ------------------------------------------------------------------
+    def _trainable(self) -> tuple[list[torch.Tensor], list[ParamSpec]]:
+        tensors, specs = [], []
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                if not p.requires_grad:
+                    continue
+                key = names[i] if names else f"param_groups.{gi}.params.{i}"
+                dtype = self.options.param_dtype or p.dtype
+                specs.append(ParamSpec(key=key, group=gi, shape=tuple(p.shape), dtype=dtype))
+                tensors.append(p)
+        return tensors, specs
+
+    def _consistency_lines(self) -> list[str]:
+        o = self.options
+        lines = [f"options: stage={o.stage} bucket_mb={o.bucket_mb} param_dtype={o.param_dtype} "
+                 f"reduce_dtype={o.reduce_dtype} max_grad_norm={o.max_grad_norm} "
+                 f"accumulate={o.accumulate}"]
+        for gi, g in enumerate(self.param_groups):
+            hp = {k: g[k] for k in sorted(self.defaults)}
+            lines.append(f"param group {gi}: {hp}")
+        return lines + self.plan.describe()
+
+    def _check_ranks_agree(self, device: torch.device) -> None:
+        lines = self._consistency_lines()
+        digest = int.from_bytes(hashlib.sha256("\n".join(lines).encode()).digest()[:8], "little")
+        if self.comm.agree(digest >> 1, device):
+            return
+        everyone = self.comm.gather_objects(lines)
+        diffs = []
+        for r, theirs in enumerate(everyone):
+            if theirs != everyone[0]:
+                first = next((i for i, (a, b) in enumerate(zip(everyone[0], theirs)) if a != b),
+                             min(len(theirs), len(everyone[0])))
+                mine = everyone[0][first] if first < len(everyone[0]) else "(nothing)"
+                other = theirs[first] if first < len(theirs) else "(nothing)"
+                diffs.append(f"rank {r} has '{other}' where rank 0 has '{mine}'")
+        raise ValueError("ranks built different models or optimizer settings, so their shards "
+                         "would not line up:\n  " + "\n  ".join(diffs) +
+                         "\nBuild the same model with the same param groups on every rank.")
+
+    def _broadcast_initial(self, tensors: list[torch.Tensor]) -> None:
+        """Start from rank 0's parameter values on every rank, as DDP does."""
+        if self.comm.distributed:
+            with torch.no_grad():
+                for p in tensors:
+                    self.comm.broadcast_(p.data, src=0)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not getattr(self, "_constructing", True):
+            raise RuntimeError("ZeroAdamW cannot add a param group after construction: its "
+                               "buckets and shards are fixed. Pass every group to the constructor "
+                               "(use lr=0 or requires_grad=False for groups that start frozen)")
+        super().add_param_group(param_group)
+
+    # -- training ------------------------------------------------------------------------------
+    def no_sync(self) -> AbstractContextManager[None]:
+        """Backward passes inside accumulate without a per-step reduction (see ``accumulate``)."""
+        return self._sync.no_sync()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._sync.in_no_sync:
+            raise RuntimeError("opt.step() was called inside opt.no_sync(): no_sync marks the "
+                               "micro-steps that are not the last one; call step() after leaving it")
+        for fb in self.buckets:
+            fb.check_bound()
+        self._sync.finish()
+        self._clip(self._global_grad_norm())
+        gathers = []
+        for gi, group in enumerate(self.param_groups):
+            mine = [fb for fb in self.buckets if fb.bucket.group == gi]
+            self._update(group, mine)
+            for fb in mine:
+                fb.publish_master()
+                gathers.append(self.comm.all_gather(fb.param_buffer, fb.lo, fb.hi))
+        for g in gathers:
+            g.wait()
+        self._sync.reset()
+        return loss
+
+    def _global_grad_norm(self) -> float:
+        sq = kernel.sum_of_squares([fb.grad_shard for fb in self.buckets])
+        self.last_grad_norm = math.sqrt(float(self.comm.all_reduce_sum(sq)))
+        return self.last_grad_norm
+
+    def _clip(self, norm: float) -> None:
+        if self.options.max_grad_norm is None:
+            return
+        coef = kernel.clip_coefficient(norm, self.options.max_grad_norm)
+        if coef < 1.0:
+            torch._foreach_mul_([fb.grad_shard for fb in self.buckets], coef)
+
+    def _update(self, group: dict[str, Any], mine: list[FlatBucket]) -> None:
+        if not mine:
+            return
+        beta1, beta2 = group["betas"]
+        kernel.adamw_(
+            [fb.master for fb in mine], [fb.grad_shard for fb in mine],
+            [fb.exp_avg for fb in mine], [fb.exp_avg_sq for fb in mine],
+            [fb.step for fb in mine], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+            max_exp_avg_sqs=[fb.max_exp_avg_sq for fb in mine] if group["amsgrad"] else (),
+            maximize=group["maximize"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Discard accumulated gradients. ``step()`` already consumes them; this is for parity."""
+        self._sync.reset()
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shards (same world size only; ``zero_adam.checkpoint`` reshards)."""
+        out = super().state_dict()
+        out["state"] = {fb.bucket.index: fb.state_tensors() for fb in self.buckets}
+        out["zero_adam"] = {"world_size": self.comm.world_size, "rank": self.comm.rank,
+                            "fingerprint": self.plan.fingerprint(), "stage": self.options.stage}
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        meta = state_dict.get("zero_adam")
+        if meta is None:
+            raise ValueError("this state dict was not saved by ZeroAdamW; to start from a "
+                             "torch.optim.AdamW state use zero_adam.checkpoint")
+        mine = (self.comm.world_size, self.comm.rank, self.plan.fingerprint())
+        theirs = (meta["world_size"], meta["rank"], meta["fingerprint"])
+        if mine != theirs:
+            raise ValueError(f"state dict was saved by rank {theirs[1]} of {theirs[0]} with plan "
+                             f"{theirs[2]}; this is rank {mine[1]} of {mine[0]} with plan "
+                             f"{mine[2]}. ZeroAdamW.state_dict() only reloads on the same layout; "
+                             "use zero_adam.checkpoint.save/load to change the world size")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer "
+                             f"has {len(self.param_groups)}")
+        for fb in self.buckets:
+            for name, t in fb.state_tensors().items():
+                t.copy_(state_dict["state"][fb.bucket.index][name])
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+        self._sync.reset()
+        for fb in self.buckets:
+            fb.publish_master()
+        for p in [self.comm.all_gather(fb.param_buffer, fb.lo, fb.hi) for fb in self.buckets]:
+            p.wait()

@@ -1,0 +1,85 @@
+"""Sharding policy: a frozen, keyword-only dataclass validated once, at construction.
+
+Every field maps one-to-one onto a ``ZeroAdamW`` keyword argument (and onto the ``optim`` section of
+the launch config), so an error names exactly what the user typed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+ACCUMULATE_MODES = ("local", "shard")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardingOptions:
+    """How parameters, gradients and optimizer state are sharded and communicated.
+
+    * ``stage``: 1 shards master weights and moments; 2 also shards gradients.
+    * ``bucket_mb``: size of one gradient-reduction bucket, in MiB of ``reduce_dtype``.
+    * ``param_dtype``: cast the model's parameters to this dtype (e.g. ``torch.bfloat16``); the FP32
+      master is initialised from the original values. ``None`` keeps each parameter's dtype.
+    * ``reduce_dtype``: dtype of gradient buffers and of the reduction.
+    * ``max_grad_norm``: clip the global gradient norm to this value (``None``: no clipping).
+    * ``accumulate``: where ``no_sync()`` micro-steps accumulate. ``"local"``: a full gradient
+      buffer in ``reduce_dtype``, one reduction per step (stage 1 always; stage 2 then holds that
+      buffer during accumulation). ``"shard"``: every backward is reduced and added into the FP32
+      gradient shard (stage 2 default; no full-size buffer survives a backward). ``None`` picks.
+    * ``sync_params``: start from rank 0's parameters, as DDP does.
+    """
+
+    stage: int = 2
+    bucket_mb: float = 25.0
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype = torch.float32
+    max_grad_norm: float | None = None
+    accumulate: str | None = None
+    reduce_collective: str = "auto"
+    gather_collective: str = "auto"
+    sync_params: bool = True
+
+    def __post_init__(self) -> None:
+        problems = _problems(self)
+        if problems:
+            raise ValueError("invalid ZeroAdamW options:\n  - " + "\n  - ".join(problems))
+        if self.accumulate is None:
+            object.__setattr__(self, "accumulate", "local" if self.stage == 1 else "shard")
+
+    @property
+    def bucket_numel(self) -> int:
+        """Elements per bucket: ``bucket_mb`` MiB of ``reduce_dtype``, at least one."""
+        itemsize = torch.empty((), dtype=self.reduce_dtype).element_size()
+        return max(1, int(self.bucket_mb * 2**20) // itemsize)
+
+
+def _problems(o: ShardingOptions) -> list[str]:
+    out = []
+    if isinstance(o.stage, bool) or o.stage not in (1, 2):
+        out.append(f"stage={o.stage!r}: must be 1 (shard master weights and moments) or 2 "
+                   "(also shard gradients)")
+    if isinstance(o.bucket_mb, bool) or not isinstance(o.bucket_mb, (int, float)) \
+            or not math.isfinite(o.bucket_mb) or o.bucket_mb <= 0:
+        out.append(f"bucket_mb={o.bucket_mb!r}: must be a positive number of MiB, e.g. 25")
+    if o.param_dtype is not None and o.param_dtype not in FLOAT_DTYPES:
+        out.append(f"param_dtype={o.param_dtype!r}: must be None or a floating torch.dtype "
+                   "such as torch.bfloat16")
+    if o.reduce_dtype not in FLOAT_DTYPES:
+        out.append(f"reduce_dtype={o.reduce_dtype!r}: must be a floating torch.dtype such as "
+                   "torch.float32")
+    if o.max_grad_norm is not None and (
+            isinstance(o.max_grad_norm, bool) or not isinstance(o.max_grad_norm, (int, float))
+            or not math.isfinite(o.max_grad_norm) or o.max_grad_norm <= 0):
+        out.append(f"max_grad_norm={o.max_grad_norm!r}: must be None (no clipping) or a "
+                   "positive number, e.g. 1.0")
+    if o.accumulate is not None and o.accumulate not in ACCUMULATE_MODES:
+        out.append(f"accumulate={o.accumulate!r}: must be None, 'local' or 'shard'")
+    if o.accumulate == "shard" and o.stage == 1:
+        out.append("accumulate='shard' needs stage=2: stage 1 keeps a full gradient buffer and "
+                   "reduces it once per step; use accumulate='local' or stage=2")
+    if not isinstance(o.sync_params, bool):
+        out.append(f"sync_params={o.sync_params!r}: must be True or False")
+    return out

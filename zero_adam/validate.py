@@ -1,0 +1,110 @@
+"""Checks on what a user hands to ``ZeroAdamW``: hyperparameters and the parameters themselves.
+
+Each check raises a ``ValueError``/``TypeError`` that says what is wrong and how to fix it, before
+any buffer is allocated or any parameter rebound (so a failed construction changes nothing).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .options import FLOAT_DTYPES
+
+
+def check_hyperparams(group: dict[str, Any], where: str = "") -> None:
+    """Reject what ``torch.optim.AdamW`` rejects, with the same wording plus a hint."""
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    betas = group["betas"]
+    at = f" ({where})" if where else ""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element{at}")
+        lr = float(lr)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0.0 <= lr < math.inf:
+        raise ValueError(f"Invalid learning rate: {lr}{at}; lr must be a finite number >= 0")
+    if not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+        raise ValueError(f"Invalid epsilon value: {eps}{at}; eps must be a finite number >= 0")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}{at}; pass two numbers, e.g. (0.9, 0.999)")
+    for i, b in enumerate(betas):
+        b = float(b) if isinstance(b, torch.Tensor) and b.numel() == 1 else b
+        if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}{at}; betas must be in [0, 1)")
+    if not isinstance(wd, (int, float)) or not 0.0 <= wd < math.inf:
+        raise ValueError(f"Invalid weight_decay value: {wd}{at}; weight_decay must be >= 0")
+
+
+def check_unsupported(*, capturable: bool, differentiable: bool) -> None:
+    if capturable:
+        raise ValueError("capturable=True is not supported: ZeroAdamW's step runs collectives and "
+                         "cannot be captured in a CUDA graph; drop the argument")
+    if differentiable:
+        raise ValueError("differentiable=True is not supported by ZeroAdamW; drop the argument")
+
+
+def check_params(params: Sequence[torch.Tensor], names: Sequence[str]) -> torch.device:
+    """Validate the trainable parameters; return their common device."""
+    if not params:
+        raise ValueError("ZeroAdamW got no trainable parameters (every parameter has "
+                         "requires_grad=False, or the list was empty); pass model.parameters()")
+    seen: dict[int, str] = {}
+    for p, name in zip(params, names):
+        if id(p) in seen:
+            raise ValueError(f"parameter {name} is listed twice (also as {seen[id(p)]}); "
+                             "pass every parameter exactly once")
+        seen[id(p)] = name
+        if p.layout != torch.strided:
+            raise ValueError(f"parameter {name} has layout {p.layout}; ZeroAdamW needs dense "
+                             "(strided) parameters")
+        if p.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"parameter {name} has dtype {p.dtype}; ZeroAdamW supports real "
+                            "floating parameters (float16, bfloat16, float32, float64)")
+        if type(p).__name__ == "FlatParameter":
+            raise ValueError(f"parameter {name} belongs to a model wrapped in FSDP; ZeroAdamW "
+                             "owns gradient reduction: pass the unwrapped model's parameters")
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        by_dev = {str(d): [n for p, n in zip(params, names) if p.device == d][:3] for d in devices}
+        raise ValueError(f"parameters are on different devices: {by_dev}; ZeroAdamW shards one "
+                         "data-parallel replica, so move the whole model to one device first")
+    check_not_wrapped(params)
+    return devices.pop()
+
+
+def check_not_wrapped(params: Iterable[torch.Tensor]) -> None:
+    """Refuse parameters of a model already wrapped in DDP or FSDP2.
+
+    Both would reduce gradients a second time (DDP) or own the parameters (FSDP2); the result
+    would be silently wrong or hang, so look for a live wrapper holding these parameters.
+    """
+    wrappers = _wrapper_types()
+    if not wrappers:
+        return
+    ours = {id(p) for p in params}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), wrappers) and issubclass(type(obj), torch.nn.Module):
+            if any(id(p) in ours for p in obj.parameters()):
+                raise ValueError(
+                    f"these parameters belong to a model wrapped in {type(obj).__name__}; "
+                    "ZeroAdamW reduces gradients itself: build it from the unwrapped model "
+                    "(model.module.parameters() for DDP) and do not wrap the model")
+
+
+def _wrapper_types() -> tuple[type, ...]:
+    out: list[type] = []
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+        out.append(DistributedDataParallel)
+    except ImportError:  # pragma: no cover - torch without distributed
+        pass
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        out += [FSDPModule, FullyShardedDataParallel]
+    except ImportError:  # pragma: no cover - older torch
+        pass
+    return tuple(out)
