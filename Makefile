@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[train,test]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -26,8 +26,10 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check zero_adam launch tests bench
 
+# Validate the config before torchrun starts any process, so mistakes print as one clean message.
 train: setup
-	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) launch/train.py --config $(CONFIG)
+	$(PY) launch/train.py --config $(CONFIG) --check $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) launch/train.py --config $(CONFIG) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -52,10 +52,12 @@ class FlatBucket:
         self.max_exp_avg_sq = torch.zeros(shard, dtype=mdtype, device=device) if amsgrad else None
         self.step = torch.zeros((), dtype=torch.float32, device=device)
         self._padded, self._reduce_dtype, self._device = padded, reduce_dtype, device
+        self._keep_full = keep_full_grad
         self.full_grad: torch.Tensor | None = None
         if keep_full_grad:
             self.full_grad = torch.zeros(padded, dtype=reduce_dtype, device=device)
-        if self.full_grad is not None and reduce_dtype == mdtype:
+        self._aliased = self.full_grad is not None and reduce_dtype == mdtype
+        if self._aliased:
             self.grad_shard = self.full_grad[self.lo:self.hi]
         else:
             self.grad_shard = torch.zeros(shard, dtype=mdtype, device=device)
@@ -76,7 +78,7 @@ class FlatBucket:
     @property
     def grad_shard_aliases_full(self) -> bool:
         """Stage 1 with an FP32 buffer: the reduced shard lives inside the full gradient buffer."""
-        return self.full_grad is not None and self.grad_shard._base is self.full_grad
+        return self._aliased
 
     def full_grad_buffer(self) -> torch.Tensor:
         """The bucket-shaped gradient buffer, allocated on first use (stage 2)."""
@@ -132,6 +134,21 @@ class FlatBucket:
                     "example by model.to(), model.half() or assigning param.data); its values now "
                     "live outside the optimizer's buffers. Create ZeroAdamW after the model has its "
                     "final device and dtype.")
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes this bucket holds now, by role (``buffers``: stage 2's transient full gradient)."""
+        def size(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+        aliased = self.grad_shard_aliases_full
+        persistent_full = self._keep_full
+        return {
+            "params": size(self.param_buffer),
+            "grads": size(self.grad_shard) * (not aliased) + size(self.full_grad) * persistent_full,
+            "buffers": 0 if persistent_full else size(self.full_grad),
+            "master": 0 if self.master is self.param_shard else size(self.master),
+            "exp_avg": size(self.exp_avg),
+            "exp_avg_sq": size(self.exp_avg_sq) + size(self.max_exp_avg_sq),
+        }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {"step": self.step, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,

@@ -190,6 +190,15 @@ class ZeroAdamW(torch.optim.Optimizer):
         """Discard accumulated gradients. ``step()`` already consumes them; this is for parity."""
         self._sync.reset()
 
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of this rank's tensors held by the optimizer, by role, and their ``total``."""
+        out: dict[str, int] = {}
+        for fb in self.buckets:
+            for k, v in fb.nbytes().items():
+                out[k] = out.get(k, 0) + v
+        out["total"] = sum(out.values())
+        return out
+
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This rank's shards (same world size only; ``zero_adam.checkpoint`` reshards)."""

@@ -1,0 +1,85 @@
+"""What a run tells its user: a progress bar, metrics.jsonl, a loss plot and a final summary.
+
+Only rank 0 writes; every number it writes is already agreed across ranks (losses are averaged).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from launch.config import LoggingConfig
+
+
+class RunLog:
+    def __init__(self, cfg: LoggingConfig, out_dir: Path, *, main: bool, total_steps: int,
+                 start_step: int = 0, append: bool = False) -> None:
+        self.cfg, self.out_dir, self.main = cfg, out_dir, main
+        self.records: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        self._bar = None
+        self._file = None
+        if not main:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(out_dir / "metrics.jsonl", "a" if append else "w")
+        if cfg.progress:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def info(self, text: str) -> None:
+        if not self.main:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def record(self, row: dict[str, Any]) -> None:
+        """One JSON object per logged step (and per evaluation)."""
+        if not self.main:
+            return
+        self.records.append(row)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._bar is not None and "loss" in row:
+            self._bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}",
+                                  refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+
+    def plot(self, name: str) -> Path | None:
+        """loss.png: training loss per logged step and validation loss per evaluation."""
+        if not (self.main and self.cfg.plot and self.records):
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train), label="train loss")
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.out_dir / "loss.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path

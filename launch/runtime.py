@@ -1,0 +1,61 @@
+"""Where this process runs: device, backend and process group, from torchrun's environment.
+
+CUDA + NCCL when GPUs are present (device from ``LOCAL_RANK``), CPU + gloo otherwise. A plain
+``python launch/train.py`` (no ``RANK`` in the environment) runs one process with no process group:
+ZeroAdamW then takes its one-rank path, the same code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    group: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(timeout_s: float = 600.0) -> Runtime:
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        return Runtime(0, 1, 0, device, "none")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, backend,
+                   dist.group.WORLD)
+
+
+def all_mean(values: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Mean of a small tensor over ranks (identity on one process)."""
+    if rt.world_size > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= rt.world_size
+    return values
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
