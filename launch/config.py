@@ -120,12 +120,25 @@ class TrainConfig(Section):
     eval_every: int = Field(50, ge=0)
     eval_batches: int = Field(4, gt=0)
     log_every: int = Field(10, gt=0)
+    stop_at: int | None = Field(None, gt=0)
 
     def problems(self) -> list[str]:
+        if self.stop_at is not None and self.stop_at > self.steps:
+            return [f"train.stop_at={self.stop_at}: beyond train.steps={self.steps}"]
         if self.global_batch < self.micro_batch:
             return [f"train.global_batch={self.global_batch}: smaller than train.micro_batch="
                     f"{self.micro_batch}"]
         return []
+
+
+class CheckpointConfig(Section):
+    """``every``: steps between saves (0: none but the final one); ``keep``: newest complete ones
+    kept; ``resume``: ``auto`` (newest complete checkpoint in ``dir``, if any), ``none``, or a path."""
+    dir: str = "runs/{name}/checkpoints"
+    every: int = Field(0, ge=0)
+    keep: int = Field(2, ge=1)
+    final: bool = True
+    resume: str = "none"
 
 
 class LoggingConfig(Section):
@@ -140,6 +153,7 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     name: str = "run"
 

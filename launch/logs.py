@@ -15,7 +15,7 @@ from launch.config import LoggingConfig
 
 class RunLog:
     def __init__(self, cfg: LoggingConfig, out_dir: Path, *, main: bool, total_steps: int,
-                 start_step: int = 0, append: bool = False) -> None:
+                 start_step: int = 0, resume_at: int | None = None) -> None:
         self.cfg, self.out_dir, self.main = cfg, out_dir, main
         self.records: list[dict[str, Any]] = []
         self.started = time.perf_counter()
@@ -24,7 +24,13 @@ class RunLog:
         if not main:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(out_dir / "metrics.jsonl", "a" if append else "w")
+        path = out_dir / "metrics.jsonl"
+        if resume_at is not None and path.exists():  # keep the history up to the resumed step
+            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.records = [r for r in kept if r["step"] <= resume_at]
+        self._file = open(path, "w")
+        for r in self.records:
+            self._file.write(json.dumps(r) + "\n")
         if cfg.progress:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -47,6 +53,9 @@ class RunLog:
         if self._bar is not None and "loss" in row:
             self._bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}",
                                   refresh=False)
+
+    def history(self) -> list[dict[str, Any]]:
+        return list(self.records)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:

@@ -13,19 +13,22 @@ import argparse
 import contextlib
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `launch` and `zero_adam` from a checkout
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from launch import runtime  # noqa: E402
+from launch import checkpointing, runtime  # noqa: E402
 from launch.config import Config, ConfigError, check_world, load_config  # noqa: E402
 from launch.data import Corpus, DataError, batch, load_corpus, rows_of  # noqa: E402
 from launch.logs import RunLog  # noqa: E402
 from launch.model import Llama, count_params  # noqa: E402
 from launch.optim import build_optimizer, build_scheduler  # noqa: E402
+from zero_adam import ZeroAdamW  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,60 +61,127 @@ def main(argv: list[str] | None = None) -> int:
         runtime.shutdown()
 
 
-def train(cfg: Config, rt: runtime.Runtime, corpus: Corpus) -> dict:
+@dataclass
+class Run:
+    """Everything one training run holds; each piece was built from its own config section."""
+    cfg: Config
+    rt: runtime.Runtime
+    corpus: Corpus
+    model: torch.nn.Module
+    opt: ZeroAdamW
+    sched: Any
+    log: RunLog
+    out_dir: Path
+    ckpt_dir: Path
+    n_micro: int
+    window: dict[str, Any] = field(default_factory=lambda: {"loss_sum": 0.0, "steps": 0})
+
+
+def build(cfg: Config, rt: runtime.Runtime, corpus: Corpus) -> tuple[Run, int]:
+    """Model, optimizer, schedule and log; resumed from a checkpoint when one applies."""
     t = cfg.train
     torch.manual_seed(t.seed)
     model = Llama(cfg.model).to(rt.device)
     opt = build_optimizer(model, cfg.optim, rt.group)
     sched = build_scheduler(opt, cfg.schedule, t.steps)
-    n_micro = t.global_batch // (t.micro_batch * rt.world_size)
     out_dir = Path(cfg.logging.out_dir.format(name=cfg.name))
-    log = RunLog(cfg.logging, out_dir, main=rt.is_main, total_steps=t.steps)
+    ckpt_dir = checkpointing.directory(cfg.checkpoint, cfg.name)
+    say = (lambda text: print(text, flush=True)) if rt.is_main else (lambda text: None)
+    source = checkpointing.resume_from(cfg.checkpoint, ckpt_dir, say)
+    start, window = 0, None
+    if source is not None:
+        extra = checkpointing.restore(source, model, opt, sched)
+        start, window = int(extra["step"]), extra["window"]
+    log = RunLog(cfg.logging, out_dir, main=rt.is_main, total_steps=t.steps, start_step=start,
+                 resume_at=start if source is not None else None)
+    run = Run(cfg, rt, corpus, model, opt, sched, log, out_dir, ckpt_dir,
+              t.global_batch // (t.micro_batch * rt.world_size))
+    if window:
+        run.window = window
     log.info(f"{cfg.name}: {count_params(model):,} params on {rt.world_size} x {rt.device.type} "
              f"({rt.backend}), ZeRO stage {cfg.optim.stage}, {len(opt.buckets)} buckets; "
-             f"{corpus.description}; {n_micro} micro-step(s) of {t.micro_batch} x {t.seq_len} per rank")
-    first_val = last_val = evaluate(model, corpus, cfg, rt)
-    log.record({"step": 0, "val_loss": first_val})
-    tokens_per_step = t.global_batch * t.seq_len
+             f"{corpus.description}; {run.n_micro} micro-step(s) of {t.micro_batch} x {t.seq_len} per rank"
+             + (f"; resumed from {source} at step {start}" if source is not None else ""))
+    return run, start
+
+
+def train_step(run: Run, step: int) -> None:
+    """One optimizer step: n_micro forward/backward passes (all but the last in no_sync)."""
+    t, rt, opt = run.cfg.train, run.rt, run.opt
+    loss_sum = torch.zeros(())
+    for k in range(run.n_micro):
+        lo, hi = rows_of(k, rt.rank, t.micro_batch, rt.world_size)
+        x, y = batch(run.corpus.train, seed=t.seed, step=step, global_batch=t.global_batch, lo=lo, hi=hi,
+                     seq_len=t.seq_len)
+        with opt.no_sync() if k < run.n_micro - 1 else contextlib.nullcontext():
+            logits = run.model(x.to(rt.device)).float()
+            loss = F.cross_entropy(logits.flatten(0, 1), y.to(rt.device).flatten()) / run.n_micro
+            loss.backward()
+        loss_sum += loss.detach().cpu()
+    opt.step()
+    run.sched.step()
+    opt.zero_grad()
+    run.window["loss_sum"] += float(loss_sum)
+    run.window["steps"] += 1
+
+
+def log_window(run: Run, done: int, lr: float, started: float) -> None:
+    """Record the mean loss (over ranks and steps) of the window since the last log line."""
+    w, t = run.window, run.cfg.train
+    elapsed = time.perf_counter() - started
+    mean_loss = float(runtime.all_mean(torch.tensor(w["loss_sum"] / w["steps"]), run.rt))
+    run.log.record({"step": done, "loss": mean_loss, "lr": lr, "grad_norm": run.opt.last_grad_norm,
+                    "tokens_per_s": t.global_batch * t.seq_len * w["steps"] / elapsed,
+                    "mem_bytes": run.opt.memory_report()["total"]})
+    run.window = {"loss_sum": 0.0, "steps": 0}
+
+
+def train(cfg: Config, rt: runtime.Runtime, corpus: Corpus) -> dict:
+    t, c = cfg.train, cfg.checkpoint
+    run, start = build(cfg, rt, corpus)
+    stop = t.stop_at or t.steps
+    if start == 0:
+        run.log.record({"step": 0, "val_loss": evaluate(run.model, corpus, cfg, rt)})
     started = window_start = time.perf_counter()
-    loss_sum, window_steps = torch.zeros(()), 0
-    for step in range(t.steps):
-        for k in range(n_micro):
-            lo, hi = rows_of(k, rt.rank, t.micro_batch, rt.world_size)
-            x, y = batch(corpus.train, seed=t.seed, step=step, global_batch=t.global_batch, lo=lo, hi=hi,
-                         seq_len=t.seq_len)
-            with opt.no_sync() if k < n_micro - 1 else contextlib.nullcontext():
-                loss = F.cross_entropy(model(x.to(rt.device)).float().flatten(0, 1),
-                                       y.to(rt.device).flatten()) / n_micro
-                loss.backward()
-            loss_sum += loss.detach().cpu()
-        opt.step()
-        lr = sched.get_last_lr()[0]
-        sched.step()
-        opt.zero_grad()
-        window_steps += 1
-        log.advance()
+    for step in range(start, stop):
+        lr = run.sched.get_last_lr()[0]
+        train_step(run, step)
+        run.log.advance()
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
-            elapsed = time.perf_counter() - window_start
-            mean_loss = float(runtime.all_mean(loss_sum / window_steps, rt))
-            log.record({"step": done, "loss": mean_loss, "lr": lr, "grad_norm": opt.last_grad_norm,
-                        "tokens_per_s": tokens_per_step * window_steps / elapsed,
-                        "mem_bytes": opt.memory_report()["total"]})
-            loss_sum, window_start, window_steps = torch.zeros(()), time.perf_counter(), 0
+            log_window(run, done, lr, window_start)
+            window_start = time.perf_counter()
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            last_val = evaluate(model, corpus, cfg, rt)
-            log.record({"step": done, "val_loss": last_val})
-    wall = time.perf_counter() - started
-    summary = {"steps": t.steps, "seconds": wall, "tokens_per_s": tokens_per_step * t.steps / wall,
-               "first_val_loss": first_val, "last_val_loss": last_val,
-               "val_drop": 1 - last_val / first_val, "mem_bytes": opt.memory_report()}
-    log.close()
-    plot = log.plot(cfg.name)
-    log.info(f"done: {t.steps} steps in {wall:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s; "
-             f"validation loss {first_val:.3f} -> {last_val:.3f} ({summary['val_drop']:.0%} lower); "
-             f"optimizer-held bytes per rank {summary['mem_bytes']['total']:,}; "
-             f"metrics in {out_dir / 'metrics.jsonl'}" + (f", plot {plot}" if plot else ""))
+            run.log.record({"step": done, "val_loss": evaluate(run.model, corpus, cfg, rt)})
+        if (c.every and done % c.every == 0) or (c.final and done in (stop, t.steps)):
+            # the partial logging window is saved once, so agree on it across ranks first
+            local = torch.tensor(run.window["loss_sum"], dtype=torch.float64)
+            run.window["loss_sum"] = float(runtime.all_mean(local, rt))
+            checkpointing.save(run.ckpt_dir, done, run.model, run.opt, run.sched, run.window, c.keep,
+                               rt.is_main)
+    return summarize(run, start, stop, time.perf_counter() - started)
+
+
+def summarize(run: Run, start: int, stop: int, wall: float) -> dict:
+    t = run.cfg.train
+    vals = [r["val_loss"] for r in run.log.history() if "val_loss" in r]
+    summary = {"steps": stop - start, "seconds": wall,
+               "tokens_per_s": t.global_batch * t.seq_len * (stop - start) / max(wall, 1e-9),
+               "first_val_loss": vals[0] if vals else None, "last_val_loss": vals[-1] if vals else None,
+               "mem_bytes": run.opt.memory_report()}
+    run.log.close()
+    plot = run.log.plot(run.cfg.name)
+    if not run.rt.is_main:
+        return summary
+    if stop == start:
+        run.log.info(f"nothing to train: the run is already at step {start} of {t.steps} "
+                     "(raise train.steps, or start a new run with checkpoint.resume=none and another "
+                     "checkpoint.dir and logging.out_dir)")
+    drop = f" ({1 - vals[-1] / vals[0]:.0%} lower)" if len(vals) > 1 else ""
+    run.log.info(f"done: steps {start}-{stop} in {wall:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s; "
+                 f"validation loss {vals[0]:.3f} -> {vals[-1]:.3f}{drop}; optimizer-held bytes per rank "
+                 f"{summary['mem_bytes']['total']:,}; metrics in {run.out_dir / 'metrics.jsonl'}"
+                 + (f", plot {plot}" if plot else ""))
     return summary
 
 

@@ -128,7 +128,7 @@ def _full_masters(opt, group) -> list[torch.Tensor]:
         if group is None:
             full.copy_(fb.master)
         else:
-            dist.all_gather_into_tensor(full, fb.master.contiguous(), group=group)
+            dist.all_gather_single(full, fb.master.contiguous(), group=group)
         for s in fb.bucket.slots:
             out[s.param].copy_(full[s.offset:s.offset + s.numel].view(out[s.param].shape))
     return out

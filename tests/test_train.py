@@ -16,23 +16,36 @@ QUICK = ["train.steps=6", "train.eval_every=3", "train.log_every=2", "train.eval
          "train.global_batch=8", "train.micro_batch=2", "data.max_bytes=300000", "logging.progress=false"]
 
 
-def run(out: Path, nproc: int | None) -> list[dict]:
+def launch(out: Path, nproc: int | None, *extra: str, ok: bool = True) -> subprocess.CompletedProcess:
     args = [str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/tiny.yaml"), *QUICK,
-            f"logging.out_dir={out}"]
+            f"logging.out_dir={out}", f"checkpoint.dir={out}/ckpt", "checkpoint.every=3", *extra]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
            if nproc else [sys.executable]) + args
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if ok:
+        assert done.returncode == 0, f"{cmd}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-6000:]}"
     assert "Traceback" not in done.stderr
+    return done
+
+
+def run(out: Path, nproc: int | None, *extra: str) -> list[dict]:
+    launch(out, nproc, *extra)
+    return metrics(out)
+
+
+def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
-    return {"a": run(base / "a", 2), "b": run(base / "b", 2), "single": run(base / "single", None),
-            "dir": base}
+    out = {"a": run(base / "a", 2), "b": run(base / "b", 2), "single": run(base / "single", None),
+           "dir": base}
+    run(base / "split", 2, "train.stop_at=3")
+    out["split"] = run(base / "split", 2)
+    return out
 
 
 def test_metrics_are_written_and_finite(runs):
@@ -59,3 +72,35 @@ def test_one_process_matches_two(runs):
     mem2 = [r["mem_bytes"] for r in runs["a"] if "mem_bytes" in r][0]
     mem1 = [r["mem_bytes"] for r in runs["single"] if "mem_bytes" in r][0]
     assert mem2 < mem1, "sharding must shrink this rank's optimizer bytes"
+
+
+def strip(rows):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+def test_resumed_run_continues_the_exact_loss_curve(runs):
+    """Stopped after step 3 and resumed from its checkpoint: the same metrics as one straight run."""
+    assert strip(runs["split"]) == strip(runs["a"])
+    saved = sorted(p.name for p in (runs["dir"] / "a" / "ckpt").iterdir())
+    assert saved == ["step_00000003", "step_00000006"]
+
+
+def test_resume_auto_skips_a_damaged_checkpoint(runs, tmp_path):
+    import shutil
+    shutil.copytree(runs["dir"] / "a", tmp_path / "a")
+    data = sorted((tmp_path / "a/ckpt/step_00000006").glob("*.distcp"))[0]
+    data.write_bytes(data.read_bytes()[:-100])
+    done = launch(tmp_path / "a", None, "train.steps=9")
+    assert "skipping incomplete or damaged checkpoint" in done.stdout and "step_00000006" in done.stdout
+    assert "resumed from" in done.stdout and "step_00000003 at step 3" in done.stdout
+    steps = [r["step"] for r in metrics(tmp_path / "a") if "loss" in r]
+    assert steps == [2, 4, 6, 8, 9]
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(runs, tmp_path):
+    import shutil
+    shutil.copytree(runs["dir"] / "a", tmp_path / "a")
+    done = launch(tmp_path / "a", None, "checkpoint.resume=none", ok=False)
+    assert done.returncode == 2
+    assert "checkpoint.resume=none but" in done.stderr and "step_00000006" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "a/ckpt").iterdir()) == ["step_00000003", "step_00000006"]

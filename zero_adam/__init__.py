@@ -5,9 +5,10 @@ slice, reduce-scatters gradients in, runs torch's fused AdamW on the local FP32 
 all-gathers the updated parameters out.
 """
 
+from . import checkpoint
 from .optimizer import ZeroAdamW
 from .options import ShardingOptions
 from .plan import Plan, build_plan
 
-__all__ = ["ZeroAdamW", "ShardingOptions", "Plan", "build_plan"]
+__all__ = ["ZeroAdamW", "ShardingOptions", "Plan", "build_plan", "checkpoint"]
 __version__ = "0.1.0"

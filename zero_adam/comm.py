@@ -90,6 +90,8 @@ class Comm:
                                   if reduce_collective == "auto" else reduce_collective)
         self.gather_collective = "all_gather" if gather_collective == "auto" else gather_collective
         self._avg = self.backend in ("gloo", "nccl")
+        self._device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" \
+            else torch.device("cpu")
         self.traffic = Traffic()
 
     @property
@@ -133,6 +135,11 @@ class Comm:
             self.traffic.add("other", t.numel() * t.element_size())
             dist.all_reduce(t, group=self.group)
         return t
+
+    def barrier(self) -> None:
+        """Wait for every rank (a one-element all-reduce: works on every backend and device)."""
+        if self.distributed:
+            dist.all_reduce(torch.zeros(1, device=self._device), group=self.group)
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> None:
         """Overwrite ``t`` with group rank ``src``'s value (blocking; used once at start-up)."""

@@ -230,6 +230,11 @@ class ZeroAdamW(torch.optim.Optimizer):
                 t.copy_(state_dict["state"][fb.bucket.index][name])
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+        self.reload_params()
+
+    @torch.no_grad()
+    def reload_params(self) -> None:
+        """Make the model's parameters the cast of the (just loaded) master shards, on every rank."""
         self._sync.reset()
         for fb in self.buckets:
             fb.publish_master()

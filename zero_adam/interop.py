@@ -1,0 +1,88 @@
+"""Start ``ZeroAdamW`` from a plain ``torch.optim.AdamW`` state dict (join from DDP).
+
+A DDP job that trained with ``torch.optim.AdamW`` can switch to zero-adam without losing its
+moments: build the model with the trained weights, build ``ZeroAdamW`` on it (the weights become
+the FP32 masters), then call :func:`load_adamw_state_dict`. Each rank copies only its own pieces.
+The reverse direction is ``python -m zero_adam.consolidate CKPT OUT --optimizer OUT.pt``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .optimizer import ZeroAdamW
+
+
+@torch.no_grad()
+def load_adamw_state_dict(model: nn.Module, optimizer: ZeroAdamW, state_dict: dict[str, Any]) -> None:
+    """Copy moments, step and hyperparameters from an AdamW state dict into ``optimizer``.
+
+    AdamW indexes parameters by their position across its param groups. If the groups carry
+    ``param_names`` (AdamW built from ``named_parameters()``, or exported by zero-adam), positions
+    are matched by name; otherwise the AdamW must have been built with the same param groups, in
+    the same order, as ``optimizer``.
+    """
+    position = _positions(model, optimizer, state_dict)
+    state = state_dict["state"]
+    steps = {float(state[i]["step"]) for i in position.values() if i in state}
+    if len(steps) > 1:
+        raise ValueError(f"the AdamW state has different step counts per parameter ({sorted(steps)[:4]}"
+                         "...); ZeroAdamW keeps one step count: it can only join from a state where "
+                         "every parameter was updated at every step")
+    step = steps.pop() if steps else 0.0
+    rank, world = optimizer.comm.rank, optimizer.comm.world_size
+    for fb in optimizer.buckets:
+        targets = {"exp_avg": fb.exp_avg, "exp_avg_sq": fb.exp_avg_sq, "max_exp_avg_sq": fb.max_exp_avg_sq}
+        for pc in optimizer.plan.pieces(fb.bucket, rank, world):
+            entry = state.get(position[id(fb.params[_slot(fb, pc.param)])], {})
+            n = pc.param_hi - pc.param_lo
+            for kind, dst in targets.items():
+                if dst is None:
+                    continue
+                src = entry.get(kind)
+                view = dst[pc.shard_lo:pc.shard_lo + n]
+                if src is None:
+                    view.zero_()
+                else:
+                    view.copy_(src.reshape(-1)[pc.param_lo:pc.param_hi])
+        fb.step.fill_(step)
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) == len(optimizer.param_groups):
+        for group, saved in zip(optimizer.param_groups, saved_groups):
+            for k in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "initial_lr"):
+                if k in saved:
+                    group[k] = tuple(saved[k]) if k == "betas" else saved[k]
+
+
+def _slot(fb, param_index: int) -> int:
+    for i, s in enumerate(fb.bucket.slots):
+        if s.param == param_index:
+            return i
+    raise KeyError(param_index)
+
+
+def _positions(model: nn.Module, optimizer: ZeroAdamW, state_dict: dict[str, Any]) -> dict[int, int]:
+    """id(param) -> its index in the AdamW state dict."""
+    groups = state_dict["param_groups"]
+    if all("param_names" in g for g in groups):
+        named = dict(model.named_parameters())
+        out = {}
+        for g in groups:
+            for i, name in zip(g["params"], g["param_names"]):
+                if name in named:
+                    out[id(named[name])] = i
+    else:
+        ours = [p for g in optimizer.param_groups for p in g["params"]]
+        theirs = [i for g in groups for i in g["params"]]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+            raise ValueError("the AdamW state dict's param groups differ in size from ZeroAdamW's; build "
+                             "both from the same param groups, or from named_parameters()")
+        out = {id(p): i for p, i in zip(ours, theirs)}
+    missing = [s.key for fb in optimizer.buckets for s, p in zip(
+        (optimizer.plan.params[x.param] for x in fb.bucket.slots), fb.params) if id(p) not in out]
+    if missing:
+        raise ValueError(f"the AdamW state dict has no entry for parameters {missing[:5]}")
+    return out
