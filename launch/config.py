@@ -86,7 +86,8 @@ class GroupConfig(Section):
 
 
 class OptimConfig(Section):
-    """Maps one-to-one onto ``zero_adam.ZeroAdamW``'s arguments."""
+    """Maps one-to-one onto ``zero_adam.ZeroAdamW``'s arguments (``overlap_gather`` defaults to on
+    here: the training loop reads parameters only in forward and through zero_adam.checkpoint)."""
     lr: float = Field(3e-3, gt=0)
     betas: tuple[Beta, Beta] = (0.9, 0.95)
     eps: float = Field(1e-8, ge=0)
@@ -97,6 +98,8 @@ class OptimConfig(Section):
     reduce_dtype: Dtype = "float32"
     max_grad_norm: float | None = Field(1.0, gt=0)
     accumulate: Literal["local", "shard"] | None = None
+    overlap_gather: bool = True   # the launcher reads params only in forward and checkpoints
+    max_inflight: int = Field(2, ge=1)
     groups: list[GroupConfig] | None = None
 
     def problems(self) -> list[str]:

@@ -54,7 +54,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, process_group: Any = Non
         process_group=process_group, stage=cfg.stage, bucket_mb=cfg.bucket_mb,
         param_dtype=DTYPES[cfg.param_dtype] if cfg.param_dtype else None,
         reduce_dtype=DTYPES[cfg.reduce_dtype], max_grad_norm=cfg.max_grad_norm,
-        accumulate=cfg.accumulate)
+        accumulate=cfg.accumulate, overlap_gather=cfg.overlap_gather, max_inflight=cfg.max_inflight)
 
 
 def lr_factor(cfg: ScheduleConfig, total_steps: int) -> Callable[[int], float]:

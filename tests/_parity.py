@@ -18,9 +18,10 @@ import math
 
 import torch
 import torch.distributed as dist
-from _models import batch, loss_fn, make_model, named_groups, warmup_decay
 
 from zero_adam import ZeroAdamW
+
+from _models import batch, loss_fn, make_model, named_groups, warmup_decay
 
 LR = 1e-2
 MICRO = 24  # global micro-batch: divisible by 1, 2, 3 and 4 ranks
@@ -33,24 +34,30 @@ def run_parity(case: dict, group=None) -> dict:
     accum, steps, clip = case.get("accum", 1), case.get("steps", 10), case.get("clip")
     model = make_model()
     ref = copy.deepcopy(model)
+    overlap = case.get("overlap", False)
     opt = ZeroAdamW(named_groups(model), lr=LR, process_group=group, stage=case["stage"],
                     bucket_mb=0.004, param_dtype=torch.bfloat16 if bf16 else None,
-                    max_grad_norm=clip, accumulate=case.get("accumulate"))
+                    max_grad_norm=clip, accumulate=case.get("accumulate"), overlap_gather=overlap)
     masters = [p for g in named_groups(ref) for _, p in g["params"]]
     ref_groups = [{"params": [p for _, p in g["params"]], "weight_decay": g["weight_decay"]}
                   for g in named_groups(ref)]
     ref_opt = torch.optim.AdamW(ref_groups, lr=LR)
     ref_lowp = copy.deepcopy(ref).to(torch.bfloat16) if bf16 else None
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, warmup_decay) for o in (opt, ref_opt)]
-    out = {"param": 0.0, "master": 0.0, "norm_rel": 0.0, "reduce_calls": [], "lr": []}
+    out = {"param": 0.0, "master": 0.0, "norm_rel": 0.0, "reduce_calls": [], "lr": [], "loss": 0.0}
     for step in range(steps):
         calls0 = opt.comm.traffic.calls["reduce"]
         for k in range(accum):
             x, y = batch(step * accum + k, MICRO)
             b = MICRO // ws
             ctx = opt.no_sync() if k < accum - 1 else contextlib.nullcontext()
+            xs, ys = x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]
             with ctx:
-                (loss_fn(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]) / accum).backward()
+                ours = loss_fn(model, xs, ys)
+                (ours / accum).backward()
+            with torch.no_grad():  # the same rows through the reference: a stale forward would differ
+                theirs = loss_fn(ref_lowp if bf16 else ref, xs, ys)
+            out["loss"] = max(out["loss"], abs(float(ours.detach()) - float(theirs)))
             if bf16:
                 _bf16_reference_grads(ref_lowp, masters, x, y, ws, accum)
             else:
@@ -71,13 +78,20 @@ def run_parity(case: dict, group=None) -> dict:
             with torch.no_grad():
                 for q, m in zip(lowp, masters):
                     q.copy_(m)
-                out["param"] = max(out["param"], _max_diff(model, ref_lowp))
+                if not overlap:  # with overlap the gather is legitimately still in flight here
+                    out["param"] = max(out["param"], _max_diff(model, ref_lowp))
                 for q, m, full in zip(lowp, masters, _full_masters(opt, group)):
                     m.copy_(full)
                     q.copy_(full)
-            out["cast_exact"] = out.get("cast_exact", True) and _max_diff(model, ref_lowp) == 0.0
-        else:
+            if not overlap:
+                out["cast_exact"] = out.get("cast_exact", True) and _max_diff(model, ref_lowp) == 0.0
+        elif not overlap:
             out["param"] = max(out["param"], _max_diff(model, ref))
+    opt.wait_params()
+    if bf16:
+        out["cast_exact"] = out.get("cast_exact", True) and _max_diff(model, ref_lowp) == 0.0
+    else:
+        out["param"] = max(out["param"], _max_diff(model, ref))
     out["same_on_all_ranks"] = _identical_across_ranks(model, group)
     out["state_numel_ok"] = all(
         t.numel() == opt.plan.shard_numel(fb.bucket, ws)

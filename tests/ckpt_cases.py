@@ -11,10 +11,11 @@ import os
 
 import torch
 import torch.distributed as dist
-from _models import batch, loss_fn, make_model, named_groups
-from _parity import MICRO
 
 from zero_adam import ZeroAdamW, checkpoint
+
+from _models import batch, loss_fn, make_model, named_groups
+from _parity import MICRO
 
 # (saved on N ranks, loaded on M ranks, stage at save, stage at load, bf16 params)
 CASES = [(4, 1, 2, 2, False), (1, 3, 1, 2, False), (2, 3, 2, 1, True), (3, 2, 2, 2, True),

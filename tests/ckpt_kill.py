@@ -5,10 +5,10 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _models import batch, loss_fn, make_model, named_groups  # noqa: E402
-
 import zero_adam.checkpoint as ckpt  # noqa: E402
 from zero_adam import ZeroAdamW  # noqa: E402
+
+from _models import batch, loss_fn, make_model, named_groups  # noqa: E402
 
 root, where = sys.argv[1], sys.argv[2]
 model = make_model()

@@ -11,10 +11,11 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from _models import batch, loss_fn, make_model, named_groups
-from _parity import MICRO, run_parity
 
 from zero_adam import ZeroAdamW
+
+from _models import batch, loss_fn, make_model, named_groups
+from _parity import MICRO, run_parity
 
 PARITY = [
     dict(name="plain", stage=1), dict(name="plain", stage=2),
@@ -23,6 +24,9 @@ PARITY = [
     dict(name="clip_accum_local", stage=2, clip=0.05, accum=3, accumulate="local"),
     dict(name="bf16_accum", stage=1, dtype="bf16", accum=2, clip=0.1),
     dict(name="bf16_accum", stage=2, dtype="bf16", accum=2, clip=0.1),
+    dict(name="overlap", stage=1, overlap=True, clip=0.05),
+    dict(name="overlap_accum", stage=2, overlap=True, clip=0.05, accum=2),
+    dict(name="overlap_bf16", stage=2, overlap=True, dtype="bf16"),
 ]
 
 
@@ -47,6 +51,9 @@ def behaviour_all() -> dict:
         ("unused", unused_params, g3, 3), ("mismatch", mismatched_models, g2, 2),
         ("ddp", ddp_wrapped, g2, 2), ("roundtrip1", lambda g: roundtrip(g, 1), g3, 3),
         ("roundtrip2", lambda g: roundtrip(g, 2), g3, 3), ("second_backward", second_backward, g2, 2),
+        ("outside_use", lambda g: outside_use(g, switch_at=None), g2, 2),
+        ("switch_to_outside_use", lambda g: outside_use(g, switch_at=3), g2, 2),
+        ("broken_prefetch", broken_prefetch, g2, 2),
     ]:
         if dist.get_rank() < ws:
             out[name] = _guard(fn, group)
@@ -150,3 +157,61 @@ def _clone(obj):
     if isinstance(obj, list):
         return [_clone(v) for v in obj]
     return obj
+
+
+class Outside(torch.nn.Module):
+    """``b``'s weights are used by the parent's code without calling ``b`` (from ``switch_at`` on)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(17, 64)
+        self.b = torch.nn.Linear(64, 33)
+        self.direct = False
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return torch.nn.functional.linear(h, self.b.weight, self.b.bias) if self.direct else self.b(h)
+
+
+def outside_use(group, switch_at) -> dict:
+    """With overlap_gather, every forward must see this step's weights, or training must stop."""
+    rank, ws = dist.get_rank(group), dist.get_world_size(group)
+    torch.manual_seed(0)
+    model = Outside()
+    model.direct = switch_at is None
+    ref = Outside()
+    ref.load_state_dict(model.state_dict())
+    ref.direct = model.direct
+    opt = ZeroAdamW(model.parameters(), lr=1e-2, process_group=group, bucket_mb=0.001, overlap_gather=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    worst = 0.0
+    b = MICRO // ws
+    for step in range(6):
+        if switch_at is not None and step == switch_at:
+            model.direct = ref.direct = True
+        x, y = batch(step, MICRO)
+        ours = loss_fn(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b])
+        with torch.no_grad():
+            worst = max(worst, abs(float(ours.detach()) - float(loss_fn(ref, x[rank * b:(rank + 1) * b],
+                                                                       y[rank * b:(rank + 1) * b]))))
+        ours.backward()
+        opt.step()
+        loss_fn(ref, x, y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return {"loss_diff": worst, "eager": sorted(opt._prefetch.eager), "order": opt._prefetch.order}
+
+
+def broken_prefetch(group) -> dict:
+    """The parity harness must notice a forward on stale weights: disable the waits and look."""
+    from zero_adam.prefetch import GatherPrefetch
+
+    from _parity import run_parity
+    saved = GatherPrefetch._pre_forward, GatherPrefetch.check_grad
+    GatherPrefetch._pre_forward = lambda self, module, args: (
+        self._recording.extend(self._direct_buckets(module)) if self._recording is not None else None)
+    GatherPrefetch.check_grad = lambda self, bi, name: None
+    try:
+        return run_parity(dict(stage=2, overlap=True, steps=4), group)
+    finally:
+        GatherPrefetch._pre_forward, GatherPrefetch.check_grad = saved

@@ -8,11 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import _spawn
 import pytest
 import torch
-from _models import batch, loss_fn, make_model, named_groups
-from ckpt_cases import CASES, K1, case_name
 from safetensors.torch import load_file
 
 from zero_adam import ZeroAdamW, checkpoint
@@ -20,6 +17,10 @@ from zero_adam.ckpt_format import CheckpointError
 from zero_adam.consolidate import adamw_param_groups
 from zero_adam.consolidate import main as consolidate
 from zero_adam.interop import load_adamw_state_dict
+
+import _spawn
+from _models import batch, loss_fn, make_model, named_groups
+from ckpt_cases import CASES, K1, case_name
 
 HERE = Path(__file__).resolve().parent
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import _spawn
 import pytest
+
+import _spawn
 from dist_cases import PARITY
 
 FP32_TOL = 1e-5      # max |param - reference| after 10 AdamW steps at lr 1e-2 (values ~0.1-1)
@@ -39,6 +40,7 @@ def test_parity_with_adamw(parity, case, ws):
         assert r["master"] < FP32_TOL, r
         assert r["param"] < (BF16_TOL if bf16 else FP32_TOL), r
         assert r["norm_rel"] < NORM_TOL, r
+        assert r["loss"] < (BF16_TOL if bf16 else FP32_TOL), "a forward read weights that differ"
         assert r["same_on_all_ranks"], r
         assert r["state_numel_ok"], r
         assert max(abs(d) for d in r["lr"]) == 0.0, "LR scheduler not honoured"
@@ -88,3 +90,23 @@ def test_state_dict_round_trip(behaviour, stage):
 def test_stage1_second_backward_is_refused(behaviour):
     for r in _only(behaviour, "second_backward", 2):
         assert r.get("error", "").startswith("RuntimeError") and "no_sync" in r["error"], r
+
+
+def test_overlap_waits_for_params_used_outside_their_module(behaviour):
+    for r in _only(behaviour, "outside_use", 2):
+        assert "error" not in r, r.get("trace")
+        assert r["eager"], "b's bucket must be waited for before the first module runs"
+        assert r["loss_diff"] < 1e-5, r
+
+
+def test_overlap_refuses_a_forward_that_read_stale_weights(behaviour):
+    for r in _only(behaviour, "switch_to_outside_use", 2):
+        assert r.get("error", "").startswith("RuntimeError"), r
+        assert "never waited for" in r["error"] and "overlap_gather=False" in r["error"]
+
+
+def test_parity_harness_detects_stale_forwards(behaviour):
+    """Mutation check: with the pre-forward waits removed, the loss comparison must fail."""
+    for r in _only(behaviour, "broken_prefetch", 2):
+        assert "error" not in r, r.get("trace")
+        assert r["loss"] > 1e-3, r

@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from _models import batch, loss_fn, make_model
-from _parity import run_parity
 from torch import nn
 
 from zero_adam import ZeroAdamW
+
+from _models import batch, loss_fn, make_model
+from _parity import run_parity
 
 
 @pytest.mark.parametrize("stage", [1, 2])

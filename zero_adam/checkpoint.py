@@ -45,6 +45,7 @@ __all__ = ["save", "load", "latest", "is_complete", "CheckpointError"]
 def save(path: str | os.PathLike, model: nn.Module, optimizer: ZeroAdamW, extra: Any = None) -> Path:
     """Write a checkpoint of ``model`` and ``optimizer`` (call on every rank, after ``step()``)."""
     path, comm = Path(path), optimizer.comm
+    optimizer.wait_params()
     names = _names(model, optimizer)
     tree, extra_tensors = split_extra(extra if extra is not None else {})
     state = _local_state(model, optimizer, names)

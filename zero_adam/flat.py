@@ -22,13 +22,31 @@ def master_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
 
 
+class BufferPool:
+    """Reuses bucket-sized gradient buffers (stage 2) instead of returning them to the allocator:
+    a fresh multi-MB allocation costs a page fault per 4 KiB on first touch, every step."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        free = self._free.get((numel, dtype, device))
+        return free.pop() if free else torch.empty(numel, dtype=dtype, device=device)
+
+    def give(self, t: torch.Tensor) -> None:
+        self._free.setdefault((t.numel(), t.dtype, t.device), []).append(t)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self._free.values() for t in ts)
+
+
 class FlatBucket:
     """One bucket's tensors on this rank. Holds storage only; ``hooks.GradSync`` drives it."""
 
     def __init__(
         self, plan: Plan, bucket: Bucket, params: Sequence[torch.Tensor], *, rank: int,
         world_size: int, device: torch.device, reduce_dtype: torch.dtype, keep_full_grad: bool,
-        amsgrad: bool,
+        amsgrad: bool, pool: BufferPool | None = None,
     ) -> None:
         self.bucket = bucket
         self.params = list(params)
@@ -53,6 +71,7 @@ class FlatBucket:
         self.step = torch.zeros((), dtype=torch.float32, device=device)
         self._padded, self._reduce_dtype, self._device = padded, reduce_dtype, device
         self._keep_full = keep_full_grad
+        self._pool = pool or BufferPool()
         self.full_grad: torch.Tensor | None = None
         if keep_full_grad:
             self.full_grad = torch.zeros(padded, dtype=reduce_dtype, device=device)
@@ -83,7 +102,7 @@ class FlatBucket:
     def full_grad_buffer(self) -> torch.Tensor:
         """The bucket-shaped gradient buffer, allocated on first use (stage 2)."""
         if self.full_grad is None:
-            self.full_grad = torch.empty(self._padded, dtype=self._reduce_dtype, device=self._device)
+            self.full_grad = self._pool.take(self._padded, self._reduce_dtype, self._device)
             self.full_grad[self.bucket.numel:].zero_()
         return self.full_grad
 
@@ -115,8 +134,10 @@ class FlatBucket:
             self.grad_shard.add_(reduced)
 
     def release_full_grad(self) -> None:
-        """Stage 2: drop the bucket-shaped gradient once its shard has been taken."""
-        self.full_grad = None
+        """Stage 2: hand the bucket-shaped gradient back once its shard has been taken."""
+        if self.full_grad is not None and not self._keep_full:
+            self._pool.give(self.full_grad)
+            self.full_grad = None
 
     # -- parameters -----------------------------------------------------------------------------
     def publish_master(self) -> None:

@@ -57,11 +57,16 @@ class GradSync:
     """Owns the gradient path from ``param.grad`` to each bucket's FP32 gradient shard."""
 
     def __init__(self, buckets: Sequence[FlatBucket], comm: Comm, *, accumulate: str,
-                 release_full: bool) -> None:
+                 release_full: bool, max_inflight: int | None = None,
+                 on_grad: Callable[[int, int], None] | None = None) -> None:
         self.buckets = list(buckets)
         self.comm = comm
         self.accumulate = accumulate
         self.release_full = release_full
+        self.max_inflight = max_inflight     # stage 2: finish older reductions to bound memory
+        self.on_grad = on_grad
+        self.touched: set[int] = set()      # buckets that received a gradient since reset()
+        self._inflight: list[int] = []
         self.tracks = [_Track(len(b.bucket.slots)) for b in self.buckets]
         self._next = 0                # next bucket to launch in the current round
         self._round = 0               # one round of reductions per backward (or per step)
@@ -103,6 +108,8 @@ class GradSync:
             t.state, t.written, t.arrived, t.reduced_once = (
                 BucketState.IDLE, [False] * len(t.written), 0, False)
             t.launched_in = -1
+        self.touched.clear()
+        self._inflight.clear()
         self._round += 1
         self._next = 0
         self._in_backward = False
@@ -125,8 +132,11 @@ class GradSync:
         if grad.layout != torch.strided:
             raise ValueError(f"{self.buckets[bi].bucket.slots[si]} received a sparse gradient; "
                              "ZeroAdamW needs dense gradients (use nn.Embedding(sparse=False))")
+        if self.on_grad is not None:
+            self.on_grad(bi, si)
         if not self._in_backward:
             self._begin_backward()
+        self.touched.add(bi)
         t = self.tracks[bi]
         if t.state in (BucketState.REDUCING, BucketState.REDUCED):
             self._open_window(bi)
@@ -179,12 +189,21 @@ class GradSync:
         t.to(BucketState.REDUCING)
         t.launched_in = self._round
         t.pending = self.comm.reduce_mean(fb.full_grad_buffer(), fb.lo, fb.hi)
+        self._inflight.append(bi)
+        while self.max_inflight is not None and len(self._inflight) > self.max_inflight:
+            oldest = self._inflight[0]
+            if self.tracks[oldest].state is BucketState.REDUCING:
+                self._settle(oldest)
+            else:
+                self._inflight.pop(0)
 
     def _settle(self, bi: int) -> None:
         t, fb = self.tracks[bi], self.buckets[bi]
         assert t.pending is not None
         t.pending.wait()
         t.pending = None
+        if bi in self._inflight:
+            self._inflight.remove(bi)
         fb.take_reduced(first=not t.reduced_once)
         t.reduced_once = True
         if self.release_full:

@@ -16,10 +16,11 @@ import torch
 
 from . import kernel, validate
 from .comm import Comm
-from .flat import FlatBucket
+from .flat import BufferPool, FlatBucket
 from .hooks import GradSync
 from .options import ShardingOptions
 from .plan import ParamSpec, Plan, build_plan
+from .prefetch import GatherPrefetch
 
 
 class ZeroAdamW(torch.optim.Optimizer):
@@ -39,7 +40,8 @@ class ZeroAdamW(torch.optim.Optimizer):
         stage: int = 2, bucket_mb: float = 25.0, param_dtype: torch.dtype | None = None,
         reduce_dtype: torch.dtype = torch.float32, max_grad_norm: float | None = None,
         accumulate: str | None = None, reduce_collective: str = "auto",
-        gather_collective: str = "auto", sync_params: bool = True, foreach: bool | None = None,
+        gather_collective: str = "auto", sync_params: bool = True, overlap_gather: bool = False,
+        max_inflight: int = 2, foreach: bool | None = None,
         fused: bool | None = None, capturable: bool = False, differentiable: bool = False,
     ) -> None:
         del foreach, fused  # accepted for drop-in compatibility: the fused kernel is always used
@@ -50,7 +52,8 @@ class ZeroAdamW(torch.optim.Optimizer):
         self.options = ShardingOptions(
             stage=stage, bucket_mb=bucket_mb, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
             max_grad_norm=max_grad_norm, accumulate=accumulate, sync_params=sync_params,
-            reduce_collective=reduce_collective, gather_collective=gather_collective)
+            reduce_collective=reduce_collective, gather_collective=gather_collective,
+            overlap_gather=overlap_gather, max_inflight=max_inflight)
         self._constructing = True
         super().__init__(params, defaults)
         self._constructing = False
@@ -64,16 +67,21 @@ class ZeroAdamW(torch.optim.Optimizer):
         self._check_ranks_agree(device)
         if self.options.sync_params:
             self._broadcast_initial(tensors)
+        self._pool = BufferPool()
         with torch.no_grad():
             self.buckets = [
                 FlatBucket(self.plan, b, [tensors[s.param] for s in b.slots], rank=self.comm.rank,
                            world_size=self.comm.world_size, device=device,
                            reduce_dtype=self.options.reduce_dtype,
-                           keep_full_grad=self.options.stage == 1,
+                           keep_full_grad=self.options.stage == 1, pool=self._pool,
                            amsgrad=any(g["amsgrad"] for g in self.param_groups))
                 for b in self.plan.buckets]
-        self._sync = GradSync(self.buckets, self.comm, accumulate=self.options.accumulate,
-                              release_full=self.options.stage == 2)
+        self._prefetch = GatherPrefetch(self.buckets, self.comm) if overlap_gather else None
+        self._sync = GradSync(
+            self.buckets, self.comm, accumulate=self.options.accumulate,
+            release_full=self.options.stage == 2,
+            max_inflight=self.options.max_inflight if self.options.stage == 2 else None,
+            on_grad=self._check_fresh if overlap_gather else None)
         self.last_grad_norm: float = math.nan
 
     # -- construction helpers ------------------------------------------------------------------
@@ -146,21 +154,39 @@ class ZeroAdamW(torch.optim.Optimizer):
         if self._sync.in_no_sync:
             raise RuntimeError("opt.step() was called inside opt.no_sync(): no_sync marks the "
                                "micro-steps that are not the last one; call step() after leaving it")
+        if self._prefetch is not None:
+            self._prefetch.wait_all()
+            self._prefetch.finish_recording(self._sync.touched)
         for fb in self.buckets:
             fb.check_bound()
         self._sync.finish()
         self._clip(self._global_grad_norm())
-        gathers = []
         for gi, group in enumerate(self.param_groups):
-            mine = [fb for fb in self.buckets if fb.bucket.group == gi]
-            self._update(group, mine)
-            for fb in mine:
-                fb.publish_master()
-                gathers.append(self.comm.all_gather(fb.param_buffer, fb.lo, fb.hi))
-        for g in gathers:
-            g.wait()
+            self._update(group, [fb for fb in self.buckets if fb.bucket.group == gi])
         self._sync.reset()
+        for fb in self.buckets:
+            fb.publish_master()
+        self._gather()
         return loss
+
+    def _gather(self) -> None:
+        """All-gather every bucket: asynchronously, in forward order, if overlap_gather."""
+        def one(bi: int):
+            fb = self.buckets[bi]
+            return self.comm.all_gather(fb.param_buffer, fb.lo, fb.hi)
+        if self._prefetch is not None:
+            self._prefetch.launch(one)
+        else:
+            for p in [one(bi) for bi in range(len(self.buckets))]:
+                p.wait()
+
+    def wait_params(self) -> None:
+        """Finish in-flight parameter all-gathers (``overlap_gather``): the model is then current."""
+        if self._prefetch is not None:
+            self._prefetch.wait_all()
+
+    def _check_fresh(self, bi: int, si: int) -> None:
+        self._prefetch.check_grad(bi, self.plan.params[self.buckets[bi].bucket.slots[si].param].key)
 
     def _global_grad_norm(self) -> float:
         sq = kernel.sum_of_squares([fb.grad_shard for fb in self.buckets])
@@ -196,12 +222,14 @@ class ZeroAdamW(torch.optim.Optimizer):
         for fb in self.buckets:
             for k, v in fb.nbytes().items():
                 out[k] = out.get(k, 0) + v
+        out["buffers"] += self._pool.nbytes()
         out["total"] = sum(out.values())
         return out
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This rank's shards (same world size only; ``zero_adam.checkpoint`` reshards)."""
+        self.wait_params()
         out = super().state_dict()
         out["state"] = {fb.bucket.index: fb.state_tensors() for fb in self.buckets}
         out["zero_adam"] = {"world_size": self.comm.world_size, "rank": self.comm.rank,
@@ -235,6 +263,7 @@ class ZeroAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def reload_params(self) -> None:
         """Make the model's parameters the cast of the (just loaded) master shards, on every rank."""
+        self.wait_params()
         self._sync.reset()
         for fb in self.buckets:
             fb.publish_master()

@@ -30,6 +30,12 @@ class ShardingOptions:
       buffer during accumulation). ``"shard"``: every backward is reduced and added into the FP32
       gradient shard (stage 2 default; no full-size buffer survives a backward). ``None`` picks.
     * ``sync_params``: start from rank 0's parameters, as DDP does.
+    * ``overlap_gather``: return from ``step()`` with the parameter all-gathers still in flight and
+      wait for each bucket just before the forward first uses it (``zero_adam.prefetch``). Reading
+      parameters between ``step()`` and the next forward (an EMA, ``torch.save(model.state_dict())``)
+      then needs ``opt.wait_params()`` first; ``zero_adam.checkpoint`` calls it itself.
+    * ``max_inflight``: stage 2 keeps at most this many bucket-sized gradient buffers in flight
+      during backward (older reductions are finished first), bounding gradient memory.
     """
 
     stage: int = 2
@@ -41,6 +47,8 @@ class ShardingOptions:
     reduce_collective: str = "auto"
     gather_collective: str = "auto"
     sync_params: bool = True
+    overlap_gather: bool = False
+    max_inflight: int = 2
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -80,6 +88,10 @@ def _problems(o: ShardingOptions) -> list[str]:
     if o.accumulate == "shard" and o.stage == 1:
         out.append("accumulate='shard' needs stage=2: stage 1 keeps a full gradient buffer and "
                    "reduces it once per step; use accumulate='local' or stage=2")
+    if isinstance(o.max_inflight, bool) or not isinstance(o.max_inflight, int) or o.max_inflight < 1:
+        out.append(f"max_inflight={o.max_inflight!r}: must be a positive integer, e.g. 2")
+    if not isinstance(o.overlap_gather, bool):
+        out.append(f"overlap_gather={o.overlap_gather!r}: must be True or False")
     if not isinstance(o.sync_params, bool):
         out.append(f"sync_params={o.sync_params!r}: must be True or False")
     return out
