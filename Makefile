@@ -31,5 +31,10 @@ train: setup
 	$(PY) launch/train.py --config $(CONFIG) --check $(ARGS)
 	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) launch/train.py --config $(CONFIG) $(ARGS)
 
+# Benchmark against DDP, torch ZeRO, DeepSpeed ZeRO-1/2 and FSDP2; writes docs/benchmarks.md (~20 min on 2 cores).
+bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/run.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -142,14 +142,15 @@ def fsdp2(model) -> Method:
 
 
 def build(name: str, model, device, micro_batch: int) -> Method:
-    if name == "zero-adam-1":
-        return zero_adam(model, 1)
-    if name == "zero-adam-2":
-        return zero_adam(model, 2)
-    if name.startswith("zero-adam-2:"):  # variants for measuring collectives, e.g. zero-adam-2:rs-ag
-        reduce, gather = name.split(":")[1].split("-")
-        names = {"rs": "reduce_scatter", "ar": "all_reduce", "ag": "all_gather"}
-        return zero_adam(model, 2, reduce_collective=names[reduce], gather_collective=names[gather])
+    """zero-adam as the launcher runs it (overlap_gather on), plus variants after a colon:
+    ``zero-adam-2:no-overlap`` (the library default) and ``zero-adam-2:rs-ag`` (reduce-scatter +
+    all-gather: the minimal traffic, 2(N-1)/N x 4 bytes per param, instead of gloo's all-reduces)."""
+    if name.startswith("zero-adam-"):
+        stage, _, variant = name.removeprefix("zero-adam-").partition(":")
+        kw = {"overlap_gather": variant != "no-overlap"}
+        if variant == "rs-ag":
+            kw.update(reduce_collective="reduce_scatter", gather_collective="all_gather")
+        return zero_adam(model, int(stage), **kw)
     if name == "ddp":
         return ddp(model, device)
     if name == "torch-zero":

@@ -14,14 +14,17 @@ def write(path: Path, summary: dict) -> None:
     lines = [
         "# Benchmarks",
         "",
-        f"Reproduce: `{setup['command']}` (or `make bench`); {setup['reps']} interleaved repetitions x "
-        f"{setup['steps']} timed steps after {setup['warmup']} warm-up steps, {world} ranks on "
-        f"{setup['device']}, {setup['minutes']:.0f} minutes. Raw numbers: `benchmarks.json`.",
+        f"Reproduce: `{setup['command']}` (or `make bench`); {world} ranks on {setup['device']}, "
+        f"{setup['minutes']:.0f} minutes. Step times: {setup['reps']} jobs x {setup['steps']} rounds (after "
+        f"{setup['warmup']} warm-up rounds) in which every method runs one step in turn on its own copy of "
+        "the model, so the shared machine's slow phases hit all methods alike; medians over rounds, ratio "
+        "= median of per-round ratios to DDP. Memory, traffic and loss: one separate job per method. "
+        "Raw numbers: `benchmarks.json`.",
         "",
         f"Model: Llama-style decoder, {n / 1e6:.1f}M fp32 parameters, micro-batch 8 x 128 tokens per rank, "
         "AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1), global-norm clipping at 1.0 in every method.",
         "",
-        "| method | step time (s), median [range] | vs DDP | optimizer state / rank | bytes/param | "
+        "| method | step time (s), median [IQR] | vs DDP | optimizer state / rank | bytes/param | "
         "peak RSS / rank | collective bytes / step / rank | bytes/param | loss after last step |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -30,7 +33,7 @@ def write(path: Path, summary: dict) -> None:
         kinds = ", ".join(f"{kind} {v / MIB:.0f}" for kind, v in r["comm"].items())
         ratio = f"{r['ratio_to_ddp']:.2f}x" if r["ratio_to_ddp"] is not None else "-"
         lines.append(
-            f"| {m} | {r['step_s']:.3f} [{r['step_s_range'][0]:.3f}-{r['step_s_range'][1]:.3f}] | {ratio} | "
+            f"| {m} | {r['step_s']:.3f} [{r['step_s_iqr'][0]:.3f}-{r['step_s_iqr'][1]:.3f}] | {ratio} | "
             f"{r['state_bytes'] / MIB:.1f} MiB | {r['state_bytes'] / n:.2f} | "
             f"{r['peak_rss'] / MIB:.0f} MiB | "
             f"{comm / MIB:.0f} MiB ({kinds}) | {comm / n:.2f} | {r['final_loss']:.5f} |")

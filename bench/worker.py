@@ -1,10 +1,14 @@
-"""One benchmark job: one method, launched by torchrun on N ranks (see bench/run.py).
+"""One benchmark job, launched by torchrun on N ranks (see bench/run.py).
 
     torchrun --standalone --nproc-per-node=2 bench/worker.py --method zero-adam-2 --out r.json
+    torchrun --standalone --nproc-per-node=2 bench/worker.py --interleave ddp zero-adam-2 --out t.json
 
-Trains the benchmark model for warmup + timed steps on the same data and seed as every other
-method, and writes: median step time, this rank's optimizer-state bytes, peak RSS, bytes sent
-to collectives per step, and the loss of the last step (averaged over ranks).
+With ``--method``: trains the benchmark model for warmup + timed steps on the same data and seed
+as every other method, and writes this rank's optimizer-state bytes, peak RSS, bytes sent to
+collectives per step, the loss of the last step (averaged over ranks) and the step times.
+With ``--interleave``: builds every listed method on its own copy of the model in this process
+and runs one step of each in turn, round after round, so that the shared machine's slow phases
+hit every method alike; writes each method's step times (this is what the ratios come from).
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ def sync(device: torch.device) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--method", required=True)
+    p.add_argument("--method")
+    p.add_argument("--interleave", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -55,9 +60,13 @@ def main() -> None:
     a = p.parse_args()
     rt = runtime.init()
     comm_count.install()
-    if a.method.startswith("deepspeed"):
+    if any(m.startswith("deepspeed") for m in (a.interleave or [a.method])):
         import deepspeed
         deepspeed.init_distributed(dist_backend=rt.backend)
+    if a.interleave:
+        interleave(a, rt)
+        runtime.shutdown()
+        return
     torch.manual_seed(0)
     model = Llama(MODEL).to(rt.device)
     n_params = count_params(model)
@@ -92,6 +101,30 @@ def main() -> None:
                "comm_bytes_per_step": comm, "final_loss": float(last) / rt.world_size}
         Path(a.out).write_text(json.dumps(out, indent=1))
     runtime.shutdown()
+
+
+def interleave(a: argparse.Namespace, rt: runtime.Runtime) -> None:
+    runs = {}
+    for name in a.interleave:
+        torch.manual_seed(0)
+        runs[name] = methods.build(name, Llama(MODEL).to(rt.device), rt.device, a.micro_batch)
+    corpus = load_corpus(DataConfig(max_bytes=2_000_000), a.seq_len, MODEL.vocab_size)
+    glob = a.micro_batch * rt.world_size
+    times: dict[str, list[float]] = {n: [] for n in runs}
+    for step in range(a.warmup + a.steps):
+        x, y = batch(corpus.train, seed=0, step=step, global_batch=glob, lo=rt.rank * a.micro_batch,
+                     hi=(rt.rank + 1) * a.micro_batch, seq_len=a.seq_len)
+        x, y = x.to(rt.device), y.to(rt.device)
+        for name in (list(runs)[step % len(runs):] + list(runs)[:step % len(runs)]):
+            dist.barrier()
+            sync(rt.device)
+            t0 = time.perf_counter()
+            runs[name].step(x, y)
+            sync(rt.device)
+            if step >= a.warmup:
+                times[name].append(time.perf_counter() - t0)
+    if rt.is_main:
+        Path(a.out).write_text(json.dumps({"step_times": times, "world_size": rt.world_size}))
 
 
 if __name__ == "__main__":

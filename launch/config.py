@@ -85,6 +85,16 @@ class GroupConfig(Section):
     weight_decay: float | None = Field(None, ge=0)
 
 
+class LossScalingConfig(Section):
+    """Dynamic loss scaling knobs (used when ``optim.loss_scale: dynamic``; fp16 params)."""
+    init_scale: float = Field(2.0 ** 16, gt=0)
+    growth_factor: float = Field(2.0, gt=1)
+    backoff_factor: float = Field(0.5, gt=0, lt=1)
+    growth_interval: int = Field(2000, ge=1)
+    hysteresis: int = Field(2, ge=1)
+    min_scale: float = Field(1.0, gt=0)
+
+
 class OptimConfig(Section):
     """Maps one-to-one onto ``zero_adam.ZeroAdamW``'s arguments (``overlap_gather`` defaults to on
     here: the training loop reads parameters only in forward and through zero_adam.checkpoint)."""
@@ -100,12 +110,23 @@ class OptimConfig(Section):
     accumulate: Literal["local", "shard"] | None = None
     overlap_gather: bool = True   # the launcher reads params only in forward and checkpoints
     max_inflight: int = Field(2, ge=1)
+    loss_scale: Literal["dynamic"] | float | None = None
+    loss_scaling: LossScalingConfig = LossScalingConfig()
+    nonfinite: Literal["skip", "raise"] = "skip"
     groups: list[GroupConfig] | None = None
 
     def problems(self) -> list[str]:
+        out = []
         if self.accumulate == "shard" and self.stage == 1:
-            return ["optim.accumulate=shard: needs optim.stage=2 (stage 1 reduces once per step)"]
-        return []
+            out.append("optim.accumulate=shard: needs optim.stage=2 (stage 1 reduces once per step)")
+        if isinstance(self.loss_scale, float) and self.loss_scale <= 0:
+            out.append(f"optim.loss_scale={self.loss_scale}: must be positive, dynamic or null")
+        if self.param_dtype == "float16" and self.loss_scale is None:
+            out.append("optim.param_dtype=float16: needs optim.loss_scale (dynamic, or a number); "
+                       "fp16 gradients underflow without it")
+        if self.loss_scaling.min_scale > self.loss_scaling.init_scale:
+            out.append(f"optim.loss_scaling.min_scale={self.loss_scaling.min_scale}: above init_scale")
+        return out
 
 
 class ScheduleConfig(Section):
@@ -124,6 +145,8 @@ class TrainConfig(Section):
     eval_batches: int = Field(4, gt=0)
     log_every: int = Field(10, gt=0)
     stop_at: int | None = Field(None, gt=0)
+    deterministic: bool = False
+    collective_timeout_s: float = Field(300.0, gt=0)
 
     def problems(self) -> list[str]:
         if self.stop_at is not None and self.stop_at > self.steps:

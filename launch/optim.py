@@ -17,6 +17,7 @@ from torch import nn
 
 from launch.config import ConfigError, OptimConfig, ScheduleConfig
 from zero_adam import ZeroAdamW
+from zero_adam.scaler import LossScaleConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,7 +55,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, process_group: Any = Non
         process_group=process_group, stage=cfg.stage, bucket_mb=cfg.bucket_mb,
         param_dtype=DTYPES[cfg.param_dtype] if cfg.param_dtype else None,
         reduce_dtype=DTYPES[cfg.reduce_dtype], max_grad_norm=cfg.max_grad_norm,
-        accumulate=cfg.accumulate, overlap_gather=cfg.overlap_gather, max_inflight=cfg.max_inflight)
+        accumulate=cfg.accumulate, overlap_gather=cfg.overlap_gather, max_inflight=cfg.max_inflight,
+        loss_scale=(LossScaleConfig(**cfg.loss_scaling.model_dump()) if cfg.loss_scale == "dynamic"
+                    else cfg.loss_scale),
+        nonfinite=cfg.nonfinite)
 
 
 def lr_factor(cfg: ScheduleConfig, total_steps: int) -> Callable[[int], float]:

@@ -30,7 +30,11 @@ class Runtime:
         return self.rank == 0
 
 
-def init(timeout_s: float = 600.0) -> Runtime:
+def init(timeout_s: float = 300.0, deterministic: bool = False) -> Runtime:
+    """Set up device and process group. ``timeout_s`` bounds every collective: a hung rank then
+    fails the others after that long (a dead one fails them at once)."""
+    if deterministic:
+        make_deterministic()
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -45,6 +49,15 @@ def init(timeout_s: float = 600.0) -> Runtime:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, backend,
                    dist.group.WORLD)
+
+
+def make_deterministic() -> None:
+    """Bit-identical reruns: deterministic kernels only (an error if an op has none), no cuDNN
+    autotuning, a fixed cuBLAS workspace. Costs speed on CUDA; on CPU it changes nothing we use."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def all_mean(values: torch.Tensor, rt: Runtime) -> torch.Tensor:

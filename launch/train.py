@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from launch.logs import RunLog  # noqa: E402
 from launch.model import Llama, count_params  # noqa: E402
 from launch.optim import build_optimizer, build_scheduler  # noqa: E402
 from zero_adam import ZeroAdamW  # noqa: E402
+from zero_adam.comm import CollectiveError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.getLogger("zero_adam").setLevel(logging.ERROR)  # skipped steps are reported by the run log
     rt = None
     try:
         cfg = load_config(args.config, args.overrides)
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             load_corpus(cfg.data, cfg.train.seq_len, cfg.model.vocab_size)
             print(f"{args.config}: config OK")
             return 0
-        rt = runtime.init()
+        rt = runtime.init(cfg.train.collective_timeout_s, cfg.train.deterministic)
         check_world(cfg, rt.world_size)
         corpus = load_corpus(cfg.data, cfg.train.seq_len, cfg.model.vocab_size)
         train(cfg, rt, corpus)
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         if rt is None or rt.is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except CollectiveError as e:  # a peer died or hung: say so on every rank, exit; torchrun ends the job
+        print(f"error: rank {rt.rank if rt else '?'}: {e}", file=sys.stderr)
+        return 3
     finally:
         runtime.shutdown()
 
@@ -116,11 +122,14 @@ def train_step(run: Run, step: int) -> None:
         with opt.no_sync() if k < run.n_micro - 1 else contextlib.nullcontext():
             logits = run.model(x.to(rt.device)).float()
             loss = F.cross_entropy(logits.flatten(0, 1), y.to(rt.device).flatten()) / run.n_micro
-            loss.backward()
+            opt.scale_loss(loss).backward()
         loss_sum += loss.detach().cpu()
     opt.step()
     run.sched.step()
     opt.zero_grad()
+    if opt.last_step_skipped:
+        run.log.info(f"step {step + 1}: optimizer step skipped, non-finite gradient (loss scale now "
+                     f"{opt.loss_scale:g}, {opt.skipped_steps} skipped so far)")
     run.window["loss_sum"] += float(loss_sum)
     run.window["steps"] += 1
 
@@ -132,7 +141,8 @@ def log_window(run: Run, done: int, lr: float, started: float) -> None:
     mean_loss = float(runtime.all_mean(torch.tensor(w["loss_sum"] / w["steps"]), run.rt))
     run.log.record({"step": done, "loss": mean_loss, "lr": lr, "grad_norm": run.opt.last_grad_norm,
                     "tokens_per_s": t.global_batch * t.seq_len * w["steps"] / elapsed,
-                    "mem_bytes": run.opt.memory_report()["total"]})
+                    "mem_bytes": run.opt.memory_report()["total"], "skipped_steps": run.opt.skipped_steps,
+                    "loss_scale": run.opt.loss_scale})
     run.window = {"loss_sum": 0.0, "steps": 0}
 
 

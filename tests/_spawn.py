@@ -19,12 +19,10 @@ import torch.multiprocessing as mp
 
 
 def run(world_size: int, target: str, *args: Any, timeout: float = 300.0,
-        env: dict[str, str] | None = None) -> list[Any]:
+        env: dict[str, str] | None = None, pg_timeout: float = 120.0) -> list[Any]:
     """Call ``module:function`` on every rank of a fresh gloo world; return each rank's JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(
-            _entry, args=(world_size, tmp, target, args, env or {}), nprocs=world_size,
-            start_method="spawn", join=False)
+        ctx = start(world_size, tmp, target, *args, env=env, pg_timeout=pg_timeout)
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=1.0):
             if time.monotonic() > deadline:
@@ -39,14 +37,22 @@ def run(world_size: int, target: str, *args: Any, timeout: float = 300.0,
         return out
 
 
-def _entry(rank: int, world_size: int, tmp: str, target: str, args: tuple, env: dict) -> None:
+def start(world_size: int, tmp: str, target: str, *args: Any, env: dict[str, str] | None = None,
+          pg_timeout: float = 120.0):
+    """Start the ranks without waiting (for tests that kill or stop one of them)."""
+    return mp.start_processes(_entry, args=(world_size, tmp, target, args, env or {}, pg_timeout),
+                              nprocs=world_size, start_method="spawn", join=False)
+
+
+def _entry(rank: int, world_size: int, tmp: str, target: str, args: tuple, env: dict,
+           pg_timeout: float) -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.update(env)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=120))
+                            world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout))
     try:
         module, name = target.split(":")
         result = getattr(importlib.import_module(module), name)(*args)

@@ -104,3 +104,65 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(runs, tmp_path):
     assert done.returncode == 2
     assert "checkpoint.resume=none but" in done.stderr and "step_00000006" in done.stderr
     assert sorted(p.name for p in (tmp_path / "a/ckpt").iterdir()) == ["step_00000003", "step_00000006"]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return sorted(out)
+
+
+def test_killed_rank_then_resume_auto_continues_the_same_curve(tmp_path):
+    """SIGKILL one worker mid-run: torchrun ends the job; the relaunch resumes and matches."""
+    import signal
+    import time
+    args = ["train.steps=36", "train.log_every=6", "train.eval_every=12", "checkpoint.every=6"]
+    straight = run(tmp_path / "straight", 2, *args)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/tiny.yaml"), *QUICK,
+           f"logging.out_dir={out}", f"checkpoint.dir={out}/ckpt", *args]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    marker = out / "ckpt" / "step_00000006" / "zero_adam.json"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.02)
+    workers = children(job.pid)
+    assert marker.exists() and job.poll() is None and workers, "the run must be mid-way when killed"
+    os.kill(workers[-1], signal.SIGKILL)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0, "torchrun must end the job when a worker dies"
+    resumed = launch(out, 2, *args)
+    assert "resumed from" in resumed.stdout
+    assert strip(metrics(out)) == strip(straight)
+
+
+def test_fp16_loss_scaling_recovers_from_overflow(tmp_path):
+    done = launch(tmp_path, None, "train.steps=20", "optim.param_dtype=float16", "optim.loss_scale=dynamic",
+                  "optim.loss_scaling.init_scale=16777216", "optim.loss_scaling.hysteresis=1")
+    rows = [r for r in metrics(tmp_path) if "loss" in r]
+    assert "optimizer step skipped, non-finite gradient" in done.stdout
+    assert 0 < rows[-1]["skipped_steps"] < 20 and rows[-1]["loss_scale"] < 16777216
+    assert math.isfinite(rows[-1]["grad_norm"]) and rows[-1]["loss"] < rows[0]["loss"] + 0.5
+
+
+def test_deterministic_runs_are_bit_identical(tmp_path):
+    a = run(tmp_path / "a", None, "train.deterministic=true")
+    b = run(tmp_path / "b", None, "train.deterministic=true")
+    assert strip(a) == strip(b)
+
+
+def test_bad_resume_path_is_a_clear_error(tmp_path):
+    done = launch(tmp_path, None, "checkpoint.resume=/nonexistent/step_9", ok=False)
+    assert done.returncode == 2 and "checkpoint.resume=/nonexistent/step_9: no such checkpoint" in done.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    done = launch(tmp_path, None, f"checkpoint.resume={broken}", ok=False)
+    assert done.returncode == 2 and "is incomplete" in done.stderr

@@ -100,6 +100,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: ZeroAdamW) -> Any
         for fb in optimizer.buckets:
             fb.step.copy_(request["optim/step"])
     _restore_groups(meta, optimizer, names)
+    optimizer.load_scaler_state(meta.get("scaler"))
     optimizer.reload_params()
     return join_extra(meta["extra"], {k: v for k, v in request.items() if k.startswith("extra/")})
 
@@ -176,7 +177,7 @@ def _meta(model: nn.Module, optimizer: ZeroAdamW, names: list[str], tree: Any,
         "params": {names[i]: {"shape": list(s.shape), "dtype": dtype_name(s.dtype)}
                    for i, s in enumerate(specs)},
         "full": {n: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for n, t in full.items()},
-        "param_groups": groups, "extra": tree, "files": digests,
+        "param_groups": groups, "extra": tree, "files": digests, "scaler": optimizer.scaler_state(),
     }
 
 

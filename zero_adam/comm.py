@@ -27,19 +27,27 @@ _REDUCE_CHOICES = ("auto", "reduce_scatter", "all_reduce")
 _GATHER_CHOICES = ("auto", "all_gather", "all_reduce")
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: another rank died, hung, or issued other collectives."""
+
+
 class Pending:
     """An in-flight collective plus the local work that completes it."""
 
-    __slots__ = ("_work", "_finish", "done")
+    __slots__ = ("_work", "_finish", "done", "_fail")
 
-    def __init__(self, work: Any = None, finish: Callable[[], None] | None = None) -> None:
-        self._work, self._finish, self.done = work, finish, False
+    def __init__(self, work: Any = None, finish: Callable[[], None] | None = None,
+                 fail: Callable[[Exception], CollectiveError] | None = None) -> None:
+        self._work, self._finish, self.done, self._fail = work, finish, False, fail
 
     def wait(self) -> None:
         if self.done:
             return
         if self._work is not None:
-            self._work.wait()
+            try:
+                self._work.wait()
+            except RuntimeError as e:
+                raise (self._fail(e) if self._fail else e) from e
         if self._finish is not None:
             self._finish()
         self.done = True
@@ -101,7 +109,22 @@ class Comm:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def reduce_mean(self, full: torch.Tensor, lo: int, hi: int) -> Pending:
+    def _failure(self, what: str) -> Callable[[Exception], CollectiveError]:
+        def fail(e: Exception) -> CollectiveError:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            return CollectiveError(
+                f"{what} failed on rank {self.rank} of {self.world_size} ({self.backend}): {first}. "
+                "Another rank probably died, hung past the process group's timeout, or ran different "
+                "collectives. Stop every rank and restart from the last complete checkpoint.")
+        return fail
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            raise self._failure(what)(e) from e
+
+    def reduce_mean(self, full: torch.Tensor, lo: int, hi: int, what: str = "gradient reduction") -> Pending:
         """Average ``full`` over the group so that ``full[lo:hi]`` holds this rank's mean shard.
 
         The rest of ``full`` is left in an unspecified state (it may hold the whole mean).
@@ -111,14 +134,16 @@ class Comm:
         op = dist.ReduceOp.AVG if self._avg else dist.ReduceOp.SUM
         shard = full[lo:hi]
         self.traffic.add("reduce", full.numel() * full.element_size())
+        what = f"{what} ({self.reduce_collective} of {full.numel() * full.element_size():,} bytes)"
         if self.reduce_collective == "all_reduce":
-            work = dist.all_reduce(full, op=op, group=self.group, async_op=True)
+            work = self._call(what, dist.all_reduce, full, op=op, group=self.group, async_op=True)
         else:
-            work = dist.reduce_scatter_single(shard, full, op=op, group=self.group, async_op=True)
+            work = self._call(what, dist.reduce_scatter_single, shard, full, op=op, group=self.group,
+                              async_op=True)
         finish = None if self._avg else (lambda: shard.div_(self.world_size))
-        return Pending(work, finish)
+        return Pending(work, finish, self._failure(what))
 
-    def all_gather(self, full: torch.Tensor, lo: int, hi: int) -> Pending:
+    def all_gather(self, full: torch.Tensor, lo: int, hi: int, what: str = "parameter all-gather") -> Pending:
         """Fill ``full`` in place from every rank's ``full[lo:hi]`` (equal-sized shards)."""
         if not self.distributed:
             return Pending()
@@ -127,35 +152,39 @@ class Comm:
             # Disjoint shards summed into zeros: exact (x + 0 == x), and faster than gloo's all_gather.
             full[:lo].zero_()
             full[hi:].zero_()
-            work = dist.all_reduce(full, group=self.group, async_op=True)
+        what = f"{what} ({self.gather_collective} of {full.numel() * full.element_size():,} bytes)"
+        if self.gather_collective == "all_reduce":
+            work = self._call(what, dist.all_reduce, full, group=self.group, async_op=True)
         else:
-            work = dist.all_gather_single(full, full[lo:hi], group=self.group, async_op=True)
-        return Pending(work)
+            work = self._call(what, dist.all_gather_single, full, full[lo:hi], group=self.group,
+                              async_op=True)
+        return Pending(work, None, self._failure(what))
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a small tensor over the group, in place (blocking)."""
         if self.distributed:
             self.traffic.add("other", t.numel() * t.element_size())
-            dist.all_reduce(t, group=self.group)
+            self._call("gradient-norm all-reduce", dist.all_reduce, t, group=self.group)
         return t
 
     def barrier(self) -> None:
         """Wait for every rank (a one-element all-reduce: works on every backend and device)."""
         if self.distributed:
-            dist.all_reduce(torch.zeros(1, device=self._device), group=self.group)
+            self._call("barrier", dist.all_reduce, torch.zeros(1, device=self._device), group=self.group)
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> None:
         """Overwrite ``t`` with group rank ``src``'s value (blocking; used once at start-up)."""
         if self.distributed:
             self.traffic.add("other", t.numel() * t.element_size())
-            dist.broadcast(t, src=dist.get_global_rank(self.group, src), group=self.group)
+            self._call("start-up broadcast of parameters", dist.broadcast, t,
+                       src=dist.get_global_rank(self.group, src), group=self.group)
 
     def agree(self, digest: int, device: torch.device) -> bool:
         """True when every rank passed the same 63-bit ``digest`` (one small all-reduce)."""
         if not self.distributed:
             return True
         t = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        self._call("plan check across ranks", dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t[0]) == digest and int(t[1]) == -digest
 
     def gather_objects(self, obj: Any) -> list[Any]:
@@ -163,5 +192,5 @@ class Comm:
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        self._call("all_gather_object", dist.all_gather_object, out, obj, group=self.group)
         return out

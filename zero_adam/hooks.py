@@ -188,7 +188,8 @@ class GradSync:
             fb.zero_slots(missing)
         t.to(BucketState.REDUCING)
         t.launched_in = self._round
-        t.pending = self.comm.reduce_mean(fb.full_grad_buffer(), fb.lo, fb.hi)
+        t.pending = self.comm.reduce_mean(fb.full_grad_buffer(), fb.lo, fb.hi,
+                                          what=f"gradient reduction of bucket {bi}")
         self._inflight.append(bi)
         while self.max_inflight is not None and len(self._inflight) > self.max_inflight:
             oldest = self._inflight[0]

@@ -9,7 +9,6 @@ overhead as well.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -48,12 +47,3 @@ def sum_of_squares(tensors: Tensors) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float32)
     norms = torch._foreach_norm(list(tensors), 2)
     return torch.stack([n.float() for n in norms]).square().sum()
-
-
-def clip_coefficient(total_norm: float, max_norm: float) -> float:
-    """The factor ``torch.nn.utils.clip_grad_norm_`` multiplies gradients by (clamped to 1)."""
-    return min(max_norm / (total_norm + 1e-6), 1.0)
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -6,7 +6,7 @@ It only orchestrates: ``plan`` decides where every element lives, ``flat`` holds
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -21,6 +21,9 @@ from .hooks import GradSync
 from .options import ShardingOptions
 from .plan import ParamSpec, Plan, build_plan
 from .prefetch import GatherPrefetch
+from .scaler import decide, make_scaler
+
+log = logging.getLogger("zero_adam")
 
 
 class ZeroAdamW(torch.optim.Optimizer):
@@ -41,7 +44,8 @@ class ZeroAdamW(torch.optim.Optimizer):
         reduce_dtype: torch.dtype = torch.float32, max_grad_norm: float | None = None,
         accumulate: str | None = None, reduce_collective: str = "auto",
         gather_collective: str = "auto", sync_params: bool = True, overlap_gather: bool = False,
-        max_inflight: int = 2, foreach: bool | None = None,
+        max_inflight: int = 2, loss_scale: Any = None, nonfinite: str = "skip",
+        foreach: bool | None = None,
         fused: bool | None = None, capturable: bool = False, differentiable: bool = False,
     ) -> None:
         del foreach, fused  # accepted for drop-in compatibility: the fused kernel is always used
@@ -53,7 +57,8 @@ class ZeroAdamW(torch.optim.Optimizer):
             stage=stage, bucket_mb=bucket_mb, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
             max_grad_norm=max_grad_norm, accumulate=accumulate, sync_params=sync_params,
             reduce_collective=reduce_collective, gather_collective=gather_collective,
-            overlap_gather=overlap_gather, max_inflight=max_inflight)
+            overlap_gather=overlap_gather, max_inflight=max_inflight, nonfinite=nonfinite)
+        self._scaler = make_scaler(loss_scale)
         self._constructing = True
         super().__init__(params, defaults)
         self._constructing = False
@@ -64,7 +69,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         tensors, specs = self._trainable()
         device = validate.check_params(tensors, [s.key for s in specs])
         self.plan: Plan = build_plan(specs, bucket_numel=self.options.bucket_numel)
-        self._check_ranks_agree(device)
+        validate.check_ranks_agree(self.comm, self._consistency_lines(), device)
         if self.options.sync_params:
             self._broadcast_initial(tensors)
         self._pool = BufferPool()
@@ -83,6 +88,8 @@ class ZeroAdamW(torch.optim.Optimizer):
             max_inflight=self.options.max_inflight if self.options.stage == 2 else None,
             on_grad=self._check_fresh if overlap_gather else None)
         self.last_grad_norm: float = math.nan
+        self.last_step_skipped = False
+        self.skipped_steps = 0
 
     # -- construction helpers ------------------------------------------------------------------
     def _trainable(self) -> tuple[list[torch.Tensor], list[ParamSpec]]:
@@ -107,24 +114,6 @@ class ZeroAdamW(torch.optim.Optimizer):
             hp = {k: g[k] for k in sorted(self.defaults)}
             lines.append(f"param group {gi}: {hp}")
         return lines + self.plan.describe()
-
-    def _check_ranks_agree(self, device: torch.device) -> None:
-        lines = self._consistency_lines()
-        digest = int.from_bytes(hashlib.sha256("\n".join(lines).encode()).digest()[:8], "little")
-        if self.comm.agree(digest >> 1, device):
-            return
-        everyone = self.comm.gather_objects(lines)
-        diffs = []
-        for r, theirs in enumerate(everyone):
-            if theirs != everyone[0]:
-                first = next((i for i, (a, b) in enumerate(zip(everyone[0], theirs)) if a != b),
-                             min(len(theirs), len(everyone[0])))
-                mine = everyone[0][first] if first < len(everyone[0]) else "(nothing)"
-                other = theirs[first] if first < len(theirs) else "(nothing)"
-                diffs.append(f"rank {r} has '{other}' where rank 0 has '{mine}'")
-        raise ValueError("ranks built different models or optimizer settings, so their shards "
-                         "would not line up:\n  " + "\n  ".join(diffs) +
-                         "\nBuild the same model with the same param groups on every rank.")
 
     def _broadcast_initial(self, tensors: list[torch.Tensor]) -> None:
         """Start from rank 0's parameter values on every rank, as DDP does."""
@@ -160,7 +149,8 @@ class ZeroAdamW(torch.optim.Optimizer):
         for fb in self.buckets:
             fb.check_bound()
         self._sync.finish()
-        self._clip(self._global_grad_norm())
+        if not self._prepare_grads():
+            return loss
         for gi, group in enumerate(self.param_groups):
             self._update(group, [fb for fb in self.buckets if fb.bucket.group == gi])
         self._sync.reset()
@@ -173,7 +163,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         """All-gather every bucket: asynchronously, in forward order, if overlap_gather."""
         def one(bi: int):
             fb = self.buckets[bi]
-            return self.comm.all_gather(fb.param_buffer, fb.lo, fb.hi)
+            return self.comm.all_gather(fb.param_buffer, fb.lo, fb.hi, what=f"all-gather of bucket {bi}")
         if self._prefetch is not None:
             self._prefetch.launch(one)
         else:
@@ -188,17 +178,45 @@ class ZeroAdamW(torch.optim.Optimizer):
     def _check_fresh(self, bi: int, si: int) -> None:
         self._prefetch.check_grad(bi, self.plan.params[self.buckets[bi].bucket.slots[si].param].key)
 
-    def _global_grad_norm(self) -> float:
+    def _prepare_grads(self) -> bool:
+        """Global norm, overflow/non-finite policy, unscaling and clipping; False: step skipped."""
         sq = kernel.sum_of_squares([fb.grad_shard for fb in self.buckets])
-        self.last_grad_norm = math.sqrt(float(self.comm.all_reduce_sum(sq)))
-        return self.last_grad_norm
+        scaled_norm = math.sqrt(float(self.comm.all_reduce_sum(sq)))
+        if not math.isfinite(scaled_norm) and self._scaler is None and self.options.nonfinite == "raise":
+            self._raise_nonfinite()
+        d = decide(scaled_norm, scaler=self._scaler, max_grad_norm=self.options.max_grad_norm)
+        self.last_grad_norm, self.last_step_skipped = d.norm, d.skip
+        if d.skip:
+            self.skipped_steps += 1
+            log.warning("zero_adam: step skipped (%d so far, %d updates done): non-finite gradient "
+                        "(norm %s)%s", self.skipped_steps, int(self.buckets[0].step), d.norm,
+                        f"; loss scale now {self._scaler.scale:g}" if self._scaler else "")
+            self._sync.reset()
+            return False
+        if d.multiplier != 1.0:
+            torch._foreach_mul_([fb.grad_shard for fb in self.buckets], d.multiplier)
+        return True
 
-    def _clip(self, norm: float) -> None:
-        if self.options.max_grad_norm is None:
-            return
-        coef = kernel.clip_coefficient(norm, self.options.max_grad_norm)
-        if coef < 1.0:
-            torch._foreach_mul_([fb.grad_shard for fb in self.buckets], coef)
+    def _raise_nonfinite(self) -> None:
+        mine = set()
+        for fb in self.buckets:
+            for pc in self.plan.pieces(fb.bucket, self.comm.rank, self.comm.world_size):
+                n = pc.param_hi - pc.param_lo
+                if not bool(torch.isfinite(fb.grad_shard[pc.shard_lo:pc.shard_lo + n]).all()):
+                    mine.add(self.plan.params[pc.param].key)
+        names = sorted(set().union(*self.comm.gather_objects(mine)))
+        self._sync.reset()
+        raise RuntimeError(f"non-finite gradient at optimizer step {int(self.buckets[0].step) + 1} in "
+                           f"{len(names)} parameter(s): {names[:20]} (nonfinite='raise'; use 'skip' to "
+                           "skip such steps, or check the loss and the learning rate)")
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the current loss scale (fp16); backward this instead of ``loss``."""
+        return loss if self._scaler is None else loss * self._scaler.scale
+
+    @property
+    def loss_scale(self) -> float:
+        return 1.0 if self._scaler is None else self._scaler.scale
 
     def _update(self, group: dict[str, Any], mine: list[FlatBucket]) -> None:
         if not mine:
@@ -233,7 +251,8 @@ class ZeroAdamW(torch.optim.Optimizer):
         out = super().state_dict()
         out["state"] = {fb.bucket.index: fb.state_tensors() for fb in self.buckets}
         out["zero_adam"] = {"world_size": self.comm.world_size, "rank": self.comm.rank,
-                            "fingerprint": self.plan.fingerprint(), "stage": self.options.stage}
+                            "fingerprint": self.plan.fingerprint(), "stage": self.options.stage,
+                            "scaler": self.scaler_state()}
         return out
 
     @torch.no_grad()
@@ -258,7 +277,15 @@ class ZeroAdamW(torch.optim.Optimizer):
                 t.copy_(state_dict["state"][fb.bucket.index][name])
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+        self.load_scaler_state(meta.get("scaler"))
         self.reload_params()
+
+    def scaler_state(self) -> dict[str, Any] | None:
+        return None if self._scaler is None else self._scaler.state_dict()
+
+    def load_scaler_state(self, state: dict[str, Any] | None) -> None:
+        if self._scaler is not None and state is not None:
+            self._scaler.load_state_dict(state)
 
     @torch.no_grad()
     def reload_params(self) -> None:

@@ -34,6 +34,9 @@ class ShardingOptions:
       wait for each bucket just before the forward first uses it (``zero_adam.prefetch``). Reading
       parameters between ``step()`` and the next forward (an EMA, ``torch.save(model.state_dict())``)
       then needs ``opt.wait_params()`` first; ``zero_adam.checkpoint`` calls it itself.
+    * ``nonfinite``: what a step does when the gradient holds an inf or NaN (without a loss
+      scaler): ``"skip"`` it on every rank, touching no state, or ``"raise"`` an error naming the
+      parameters. With fp16 loss scaling, overflowing steps are always skipped.
     * ``max_inflight``: stage 2 keeps at most this many bucket-sized gradient buffers in flight
       during backward (older reductions are finished first), bounding gradient memory.
     """
@@ -49,6 +52,7 @@ class ShardingOptions:
     sync_params: bool = True
     overlap_gather: bool = False
     max_inflight: int = 2
+    nonfinite: str = "skip"
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -90,6 +94,8 @@ def _problems(o: ShardingOptions) -> list[str]:
                    "reduces it once per step; use accumulate='local' or stage=2")
     if isinstance(o.max_inflight, bool) or not isinstance(o.max_inflight, int) or o.max_inflight < 1:
         out.append(f"max_inflight={o.max_inflight!r}: must be a positive integer, e.g. 2")
+    if o.nonfinite not in ("skip", "raise"):
+        out.append(f"nonfinite={o.nonfinite!r}: must be 'skip' or 'raise'")
     if not isinstance(o.overlap_gather, bool):
         out.append(f"overlap_gather={o.overlap_gather!r}: must be True or False")
     if not isinstance(o.sync_params, bool):

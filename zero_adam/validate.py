@@ -7,6 +7,7 @@ any buffer is allocated or any parameter rebound (so a failed construction chang
 from __future__ import annotations
 
 import gc
+import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -108,3 +109,26 @@ def _wrapper_types() -> tuple[type, ...]:
     except ImportError:  # pragma: no cover - older torch
         pass
     return tuple(out)
+
+
+def check_ranks_agree(comm: Any, lines: list[str], device: torch.device) -> None:
+    """Refuse to start when ranks built different models or settings (one small all-reduce).
+
+    On a mismatch every rank learns every rank's description and the error names the first line
+    where each differing rank departs from rank 0.
+    """
+    digest = int.from_bytes(hashlib.sha256("\n".join(lines).encode()).digest()[:8], "little")
+    if comm.agree(digest >> 1, device):
+        return
+    everyone = comm.gather_objects(lines)
+    diffs = []
+    for r, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            first = next((i for i, (a, b) in enumerate(zip(everyone[0], theirs)) if a != b),
+                         min(len(theirs), len(everyone[0])))
+            mine = everyone[0][first] if first < len(everyone[0]) else "(nothing)"
+            other = theirs[first] if first < len(theirs) else "(nothing)"
+            diffs.append(f"rank {r} has '{other}' where rank 0 has '{mine}'")
+    raise ValueError("ranks built different models or optimizer settings, so their shards would "
+                     "not line up:\n  " + "\n  ".join(diffs) +
+                     "\nBuild the same model with the same param groups and settings on every rank.")
