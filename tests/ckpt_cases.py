@@ -48,7 +48,8 @@ def full_state(opt, group) -> dict:
     """Every parameter's master and moments, assembled from all ranks (names from the plan)."""
     out = {}
     for fb in opt.buckets:
-        for kind, shard in (("param", fb.master), ("exp_avg", fb.exp_avg), ("exp_avg_sq", fb.exp_avg_sq)):
+        kinds = (("param", fb.read_master()), ("exp_avg", fb.exp_avg), ("exp_avg_sq", fb.exp_avg_sq))
+        for kind, shard in kinds:
             full = shard.new_empty(fb.param_buffer.numel())
             dist.all_gather_single(full, shard.contiguous(), group=group)
             for s in fb.bucket.slots:

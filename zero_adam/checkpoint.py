@@ -82,7 +82,9 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: ZeroAdamW) -> Any
     _check_compatible(meta, model, optimizer, names)
     reader = dcp.FileSystemReader(path)
     saved = reader.read_metadata().state_dict_metadata
-    request, copies = _plan_reads(optimizer, names, saved)
+    # loaded into (in place for persistent masters, a temporary for remainder ones), then written back
+    masters = [fb.master if fb.master is not None else fb.read_master() for fb in optimizer.buckets]
+    request, copies = _plan_reads(optimizer, names, saved, masters)
     full = _full_entries(model, optimizer)
     for name, t in full.items():
         request[f"full/{name}"] = torch.empty_like(t)
@@ -97,8 +99,9 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: ZeroAdamW) -> Any
             dst.copy_(request[key][lo:hi])
         for name, t in full.items():
             t.copy_(request[f"full/{name}"])
-        for fb in optimizer.buckets:
+        for fb, m in zip(optimizer.buckets, masters):
             fb.step.copy_(request["optim/step"])
+            fb.write_master(m)
     _restore_groups(meta, optimizer, names)
     optimizer.load_scaler_state(meta.get("scaler"))
     optimizer.reload_params()
@@ -133,8 +136,8 @@ def _names(model: nn.Module, optimizer: ZeroAdamW) -> list[str]:
     return names
 
 
-def _views(fb) -> dict[str, torch.Tensor]:
-    out = {"param": fb.master, "exp_avg": fb.exp_avg, "exp_avg_sq": fb.exp_avg_sq}
+def _views(fb, master: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = {"param": master, "exp_avg": fb.exp_avg, "exp_avg_sq": fb.exp_avg_sq}
     if fb.max_exp_avg_sq is not None:
         out["max_exp_avg_sq"] = fb.max_exp_avg_sq
     return out
@@ -144,7 +147,7 @@ def _local_state(model: nn.Module, optimizer: ZeroAdamW, names: list[str]) -> di
     out: dict[str, torch.Tensor] = {}
     comm, plan = optimizer.comm, optimizer.plan
     for fb in optimizer.buckets:
-        views = _views(fb)
+        views = _views(fb, fb.read_master())
         for pc in plan.pieces(fb.bucket, comm.rank, comm.world_size):
             n = pc.param_hi - pc.param_lo
             for kind, t in views.items():
@@ -217,7 +220,8 @@ def _check_compatible(meta: dict[str, Any], model: nn.Module, optimizer: ZeroAda
                               "trainable):\n  " + "\n  ".join(problems))
 
 
-def _plan_reads(optimizer: ZeroAdamW, names: list[str], saved: dict[str, Any]):
+def _plan_reads(optimizer: ZeroAdamW, names: list[str], saved: dict[str, Any],
+                masters: list[torch.Tensor]):
     """Which saved pieces this rank reads, and where each overlap goes."""
     pieces: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
     for key in saved:
@@ -228,9 +232,9 @@ def _plan_reads(optimizer: ZeroAdamW, names: list[str], saved: dict[str, Any]):
     request: dict[str, torch.Tensor] = {}
     copies = []
     comm = optimizer.comm
-    for fb in optimizer.buckets:
+    for fb, master in zip(optimizer.buckets, masters):
         for pc in optimizer.plan.pieces(fb.bucket, comm.rank, comm.world_size):
-            for kind, dst in _views(fb).items():
+            for kind, dst in _views(fb, master).items():
                 got = 0
                 for lo, hi, key in pieces.get((kind, names[pc.param]), []):
                     s, e = max(pc.param_lo, lo), min(pc.param_hi, hi)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .dtensor import local, rebind
+from .master import cast_param, make_store
 from .plan import Bucket, Plan
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -46,7 +48,8 @@ class FlatBucket:
     def __init__(
         self, plan: Plan, bucket: Bucket, params: Sequence[torch.Tensor], *, rank: int,
         world_size: int, device: torch.device, reduce_dtype: torch.dtype, keep_full_grad: bool,
-        amsgrad: bool, pool: BufferPool | None = None,
+        amsgrad: bool, pool: BufferPool | None = None, grad_dtype: torch.dtype | None = None,
+        master: str = "fp32", offload: str | None = None,
     ) -> None:
         self.bucket = bucket
         self.params = list(params)
@@ -54,32 +57,77 @@ class FlatBucket:
         padded = plan.padded_numel(bucket, world_size)
         shard = self.hi - self.lo
         mdtype = master_dtype(bucket.dtype)
+        self.offloaded = offload == "cpu"
+        self.state_device = torch.device("cpu") if self.offloaded else device
+        pin = self.state_device.type == "cpu" and device.type == "cuda"
         self.param_buffer = torch.zeros(padded, dtype=bucket.dtype, device=device)
         self.param_shard = self.param_buffer[self.lo:self.hi]
-        if mdtype == bucket.dtype:
-            self.master = self.param_shard
-        else:
-            self.master = torch.zeros(shard, dtype=mdtype, device=device)
-            for piece in plan.pieces(bucket, rank, world_size):
-                src = self.params[self._slot_of(piece.param)].detach().reshape(-1)
-                n = piece.param_hi - piece.param_lo
-                self.master[piece.shard_lo:piece.shard_lo + n].copy_(src[piece.param_lo:piece.param_hi])
+        own = mdtype == bucket.dtype and offload is None  # wide params are their own master
+        initial = None if own else self._initial(plan, rank, world_size)
         self._bind_params()
-        self.exp_avg = torch.zeros(shard, dtype=mdtype, device=device)
-        self.exp_avg_sq = torch.zeros(shard, dtype=mdtype, device=device)
-        self.max_exp_avg_sq = torch.zeros(shard, dtype=mdtype, device=device) if amsgrad else None
-        self.step = torch.zeros((), dtype=torch.float32, device=device)
+        self.store = make_store(self.param_shard, initial, mode=master, offloaded=self.offloaded)
+
+        def state(dtype=mdtype):
+            return torch.zeros(shard, dtype=dtype, device=self.state_device, pin_memory=pin)
+        self.exp_avg, self.exp_avg_sq = state(), state()
+        self.max_exp_avg_sq = state() if amsgrad else None
+        self.step = torch.zeros((), dtype=torch.float32, device=self.state_device)
         self._padded, self._reduce_dtype, self._device = padded, reduce_dtype, device
         self._keep_full = keep_full_grad
         self._pool = pool or BufferPool()
         self.full_grad: torch.Tensor | None = None
         if keep_full_grad:
             self.full_grad = torch.zeros(padded, dtype=reduce_dtype, device=device)
-        self._aliased = self.full_grad is not None and reduce_dtype == mdtype
+        gdtype = grad_dtype or mdtype
+        self._aliased = self.full_grad is not None and reduce_dtype == gdtype
         if self._aliased:
             self.grad_shard = self.full_grad[self.lo:self.hi]
         else:
-            self.grad_shard = torch.zeros(shard, dtype=mdtype, device=device)
+            self.grad_shard = torch.zeros(shard, dtype=gdtype, device=device)
+        self.host_grad = state() if self.offloaded else None
+        self.plain = self.store.tensor is not None and self.host_grad is None and gdtype == mdtype
+
+    def _initial(self, plan: Plan, rank: int, world_size: int) -> torch.Tensor:
+        """This shard's starting master values, from the parameters' original (pre-cast) values."""
+        out = torch.zeros(self.hi - self.lo, dtype=master_dtype(self.bucket.dtype),
+                          device=self.param_buffer.device)
+        for piece in plan.pieces(self.bucket, rank, world_size):
+            src = local(self.params[self._slot_of(piece.param)]).detach().reshape(-1)
+            n = piece.param_hi - piece.param_lo
+            out[piece.shard_lo:piece.shard_lo + n].copy_(src[piece.param_lo:piece.param_hi])
+        return out
+
+    # -- the master ----------------------------------------------------------------------------
+    _grad_copied = None
+
+    def wait_grad(self) -> None:
+        """Offloaded: block until this bucket's gradient has reached host memory."""
+        if self._grad_copied is not None:
+            self._grad_copied.synchronize()
+            self._grad_copied = None
+
+    @property
+    def master(self) -> torch.Tensor | None:
+        """The persistent master tensor (None for a remainder master: use ``read_master``)."""
+        return self.store.tensor
+
+    def read_master(self) -> torch.Tensor:
+        return self.store.read()
+
+    def write_master(self, t: torch.Tensor) -> None:
+        self.store.write(t)
+
+    def prepare_grad(self) -> torch.Tensor:
+        """The gradient shard as the update reads it: in the master's dtype, where the master is
+        (an asynchronous copy into pinned host memory when offloaded)."""
+        if self.host_grad is not None:
+            self.host_grad.copy_(self.grad_shard, non_blocking=self.host_grad.is_pinned())
+            if self.host_grad.is_pinned():
+                self._grad_copied = torch.cuda.Event()
+                self._grad_copied.record()
+            return self.host_grad
+        mdtype = master_dtype(self.bucket.dtype)
+        return self.grad_shard if self.grad_shard.dtype == mdtype else self.grad_shard.to(mdtype)
 
     def _slot_of(self, param_index: int) -> int:
         for i, s in enumerate(self.bucket.slots):
@@ -90,8 +138,8 @@ class FlatBucket:
     def _bind_params(self) -> None:
         for slot, p in zip(self.bucket.slots, self.params):
             view = self.param_buffer[slot.offset:slot.offset + slot.numel]
-            view.copy_(p.detach().reshape(-1))
-            p.data = view.view(p.shape)
+            view.copy_(cast_param(local(p).detach().reshape(-1), view.dtype))
+            rebind(p, view)
 
     # -- gradients ------------------------------------------------------------------------------
     @property
@@ -142,14 +190,13 @@ class FlatBucket:
     # -- parameters -----------------------------------------------------------------------------
     def publish_master(self) -> None:
         """Write the updated master shard into this rank's slice of the param buffer."""
-        if self.master is not self.param_shard:
-            self.param_shard.copy_(self.master)
+        self.store.publish()
 
     def check_bound(self) -> None:
         """Fail loudly if a param was moved or replaced after the optimizer bound it."""
         for slot, p in zip(self.bucket.slots, self.params):
             view = self.param_buffer[slot.offset:slot.offset + slot.numel]
-            if p.data_ptr() != view.data_ptr() or p.dtype != view.dtype:
+            if local(p).data_ptr() != view.data_ptr() or local(p).dtype != view.dtype:
                 raise RuntimeError(
                     "a parameter was moved, cast or replaced after ZeroAdamW was created (for "
                     "example by model.to(), model.half() or assigning param.data); its values now "
@@ -166,14 +213,28 @@ class FlatBucket:
             "params": size(self.param_buffer),
             "grads": size(self.grad_shard) * (not aliased) + size(self.full_grad) * persistent_full,
             "buffers": 0 if persistent_full else size(self.full_grad),
-            "master": 0 if self.master is self.param_shard else size(self.master),
+            "master": self.store.nbytes(),
             "exp_avg": size(self.exp_avg),
             "exp_avg_sq": size(self.exp_avg_sq) + size(self.max_exp_avg_sq),
         }
 
+    def host_nbytes(self) -> dict[str, int]:
+        """What lives in host memory when the optimizer state is offloaded (else nothing)."""
+        if not self.offloaded:
+            return dict.fromkeys(("params", "grads", "buffers", "master", "exp_avg", "exp_avg_sq"), 0)
+        dev = self.nbytes()
+        return {"params": 0, "grads": self.host_grad.numel() * self.host_grad.element_size(), "buffers": 0,
+                "master": dev["master"], "exp_avg": dev["exp_avg"], "exp_avg_sq": dev["exp_avg_sq"]}
+
+    def device_nbytes(self) -> dict[str, int]:
+        out = self.nbytes()
+        if self.offloaded:
+            out.update(master=0, exp_avg=0, exp_avg_sq=0)
+        return out
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"step": self.step, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
-               "master": self.master}
+        """Moments and step (the master is read and written through ``read/write_master``)."""
+        out = {"step": self.step, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
         if self.max_exp_avg_sq is not None:
             out["max_exp_avg_sq"] = self.max_exp_avg_sq
         return out

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .comm import Comm, Pending
+from .dtensor import local_grad
 from .flat import FlatBucket
 
 
@@ -129,6 +130,7 @@ class GradSync:
         grad = param.grad
         if grad is None:
             return
+        grad = local_grad(param, grad)
         if grad.layout != torch.strided:
             raise ValueError(f"{self.buckets[bi].bucket.slots[si]} received a sparse gradient; "
                              "ZeroAdamW needs dense gradients (use nn.Embedding(sparse=False))")

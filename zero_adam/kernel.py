@@ -45,5 +45,33 @@ def sum_of_squares(tensors: Tensors) -> torch.Tensor:
     """
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    norms = torch._foreach_norm(list(tensors), 2)
+    if all(t.dtype == torch.float32 for t in tensors):
+        norms = torch._foreach_norm(list(tensors), 2)
+    else:  # accumulate 16-bit shards in FP32
+        norms = [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in tensors]
     return torch.stack([n.float() for n in norms]).square().sum()
+
+
+def split_bf16(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP32 ``master`` -> (bf16 value, int16 remainder) with ``join_bf16`` giving ``master`` back exactly.
+
+    The bf16 value is the FP32 value rounded at its 16th bit, ties away from zero (the rule Apex
+    uses): with round-half-to-even, an even bf16 value is reached from 65,537 FP32 values, one more
+    than 16 bits can tell apart. It differs from ``master.bfloat16()`` only on exact ties.
+    """
+    bits = master.view(torch.int32)
+    rem = (bits << 16) >> 16                      # low 16 bits, as a signed number in [-2^15, 2^15)
+    hi = (bits - rem) >> 16                       # high bits, rounded up when rem < 0
+    return hi.to(torch.int16).view(torch.bfloat16), rem.to(torch.int16)
+
+
+def join_bf16(value: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """The FP32 master whose ``split_bf16`` is (``value``, ``remainder``)."""
+    bits = (value.view(torch.int16).to(torch.int32) << 16) + remainder.to(torch.int32)
+    return bits.view(torch.float32)
+
+
+def round_to_bf16(master: torch.Tensor) -> torch.Tensor:
+    """The bf16 parameter for an FP32 master: the same rounding in both master modes, so that a
+    2-byte (remainder) master and a 4-byte one train bit-identically."""
+    return split_bf16(master)[0]

@@ -6,6 +6,7 @@ It only orchestrates: ``plan`` decides where every element lives, ``flat`` holds
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -14,19 +15,20 @@ from typing import Any
 
 import torch
 
-from . import kernel, validate
+from . import dtensor, kernel, validate
 from .comm import Comm
 from .flat import BufferPool, FlatBucket
 from .hooks import GradSync
 from .options import ShardingOptions
-from .plan import ParamSpec, Plan, build_plan
+from .plan import Plan, build_plan, trainable_specs
 from .prefetch import GatherPrefetch
 from .scaler import decide, make_scaler
+from .state import ShardedState
 
 log = logging.getLogger("zero_adam")
 
 
-class ZeroAdamW(torch.optim.Optimizer):
+class ZeroAdamW(ShardedState, torch.optim.Optimizer):
     """AdamW whose FP32 master weights, moments (and, at stage 2, gradients) are sharded.
 
     Use it instead of ``torch.optim.AdamW`` *and* instead of DDP: do not wrap the model. After
@@ -40,11 +42,14 @@ class ZeroAdamW(torch.optim.Optimizer):
         self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
         amsgrad: bool = False, *, maximize: bool = False, process_group: Any = None,
+        mesh: Any = None, dp_dim: str = "dp",
         stage: int = 2, bucket_mb: float = 25.0, param_dtype: torch.dtype | None = None,
-        reduce_dtype: torch.dtype = torch.float32, max_grad_norm: float | None = None,
+        reduce_dtype: torch.dtype = torch.float32, grad_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
         accumulate: str | None = None, reduce_collective: str = "auto",
         gather_collective: str = "auto", sync_params: bool = True, overlap_gather: bool = False,
-        max_inflight: int = 2, loss_scale: Any = None, nonfinite: str = "skip",
+        max_inflight: int = 2, loss_scale: Any = None, nonfinite: str = "skip", master: str = "fp32",
+        offload: str | None = None,
         foreach: bool | None = None,
         fused: bool | None = None, capturable: bool = False, differentiable: bool = False,
     ) -> None:
@@ -53,21 +58,23 @@ class ZeroAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
         validate.check_hyperparams(defaults)
-        self.options = ShardingOptions(
-            stage=stage, bucket_mb=bucket_mb, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-            max_grad_norm=max_grad_norm, accumulate=accumulate, sync_params=sync_params,
-            reduce_collective=reduce_collective, gather_collective=gather_collective,
-            overlap_gather=overlap_gather, max_inflight=max_inflight, nonfinite=nonfinite)
+        args = locals()  # every ShardingOptions field is a keyword argument of the same name
+        self.options = ShardingOptions(**{f.name: args[f.name] for f in dataclasses.fields(ShardingOptions)})
         self._scaler = make_scaler(loss_scale)
         self._constructing = True
         super().__init__(params, defaults)
         self._constructing = False
         for gi, group in enumerate(self.param_groups):
             validate.check_hyperparams(group, where=f"param group {gi}")
-        self.comm = Comm(process_group, reduce_collective=reduce_collective,
+        self.comm = Comm(_dp_group(process_group, mesh, dp_dim), reduce_collective=reduce_collective,
                          gather_collective=gather_collective)
-        tensors, specs = self._trainable()
+        tensors, specs = trainable_specs(self.param_groups, self.options.param_dtype)
+        tp_group = dtensor.tp_group(tensors)
+        self._tp = Comm(tp_group) if tp_group is not None else None
         device = validate.check_params(tensors, [s.key for s in specs])
+        if self.options.master == "remainder" and any(s.dtype == torch.float16 for s in specs):
+            raise ValueError("master='remainder' needs bf16 (or fp32) parameters; fp16 parameters "
+                             "keep a 4-byte FP32 master (master='fp32')")
         self.plan: Plan = build_plan(specs, bucket_numel=self.options.bucket_numel)
         validate.check_ranks_agree(self.comm, self._consistency_lines(), device)
         if self.options.sync_params:
@@ -79,6 +86,8 @@ class ZeroAdamW(torch.optim.Optimizer):
                            world_size=self.comm.world_size, device=device,
                            reduce_dtype=self.options.reduce_dtype,
                            keep_full_grad=self.options.stage == 1, pool=self._pool,
+                           grad_dtype=self.options.grad_dtype, master=self.options.master,
+                           offload=self.options.offload,
                            amsgrad=any(g["amsgrad"] for g in self.param_groups))
                 for b in self.plan.buckets]
         self._prefetch = GatherPrefetch(self.buckets, self.comm) if overlap_gather else None
@@ -92,19 +101,6 @@ class ZeroAdamW(torch.optim.Optimizer):
         self.skipped_steps = 0
 
     # -- construction helpers ------------------------------------------------------------------
-    def _trainable(self) -> tuple[list[torch.Tensor], list[ParamSpec]]:
-        tensors, specs = [], []
-        for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names")
-            for i, p in enumerate(group["params"]):
-                if not p.requires_grad:
-                    continue
-                key = names[i] if names else f"param_groups.{gi}.params.{i}"
-                dtype = self.options.param_dtype or p.dtype
-                specs.append(ParamSpec(key=key, group=gi, shape=tuple(p.shape), dtype=dtype))
-                tensors.append(p)
-        return tensors, specs
-
     def _consistency_lines(self) -> list[str]:
         o = self.options
         lines = [f"options: stage={o.stage} bucket_mb={o.bucket_mb} param_dtype={o.param_dtype} "
@@ -120,7 +116,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         if self.comm.distributed:
             with torch.no_grad():
                 for p in tensors:
-                    self.comm.broadcast_(p.data, src=0)
+                    self.comm.broadcast_(dtensor.local(p).data, src=0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not getattr(self, "_constructing", True):
@@ -154,8 +150,6 @@ class ZeroAdamW(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             self._update(group, [fb for fb in self.buckets if fb.bucket.group == gi])
         self._sync.reset()
-        for fb in self.buckets:
-            fb.publish_master()
         self._gather()
         return loss
 
@@ -178,10 +172,19 @@ class ZeroAdamW(torch.optim.Optimizer):
     def _check_fresh(self, bi: int, si: int) -> None:
         self._prefetch.check_grad(bi, self.plan.params[self.buckets[bi].bucket.slots[si].param].key)
 
+    def _global_sq(self) -> torch.Tensor:
+        """Squared norm of the full averaged gradient: TP-sharded pieces summed over the TP group,
+        TP-replicated ones counted once, then everything summed over the data-parallel group."""
+        sq = kernel.sum_of_squares([fb.grad_shard for fb in self.buckets if not fb.bucket.tp_sharded])
+        sharded = [fb.grad_shard for fb in self.buckets if fb.bucket.tp_sharded]
+        if sharded:
+            tp_sq = kernel.sum_of_squares(sharded)
+            sq = sq + (self._tp.all_reduce_sum(tp_sq) if self._tp is not None else tp_sq)
+        return self.comm.all_reduce_sum(sq)
+
     def _prepare_grads(self) -> bool:
         """Global norm, overflow/non-finite policy, unscaling and clipping; False: step skipped."""
-        sq = kernel.sum_of_squares([fb.grad_shard for fb in self.buckets])
-        scaled_norm = math.sqrt(float(self.comm.all_reduce_sum(sq)))
+        scaled_norm = math.sqrt(float(self._global_sq()))
         if not math.isfinite(scaled_norm) and self._scaler is None and self.options.nonfinite == "raise":
             self._raise_nonfinite()
         d = decide(scaled_norm, scaler=self._scaler, max_grad_norm=self.options.max_grad_norm)
@@ -219,11 +222,29 @@ class ZeroAdamW(torch.optim.Optimizer):
         return 1.0 if self._scaler is None else self._scaler.scale
 
     def _update(self, group: dict[str, Any], mine: list[FlatBucket]) -> None:
-        if not mine:
-            return
+        """One fused call over the group's plain buckets; the others (remainder master, 16-bit
+        gradient shards, offloaded state) one bucket at a time, so at most one FP32 shard is
+        materialised and an offloaded bucket's upload overlaps the next one's update."""
+        plain = [fb for fb in mine if fb.plain]
+        if plain:
+            self._update_buckets(group, plain, [fb.master for fb in plain], [fb.grad_shard for fb in plain])
+            for fb in plain:
+                fb.publish_master()
+        rest = [fb for fb in mine if not fb.plain]
+        grads = [fb.prepare_grad() for fb in rest]  # offloaded: every download is in flight
+        for fb, g in zip(rest, grads):
+            fb.wait_grad()
+            m = fb.read_master()
+            self._update_buckets(group, [fb], [m], [g])
+            fb.write_master(m)
+        if any(fb.host_grad is not None and fb.host_grad.is_pinned() for fb in rest):
+            torch.cuda.current_stream().synchronize()  # host buffers are reused next step
+
+    def _update_buckets(self, group: dict[str, Any], mine: list[FlatBucket], masters: list,
+                        grads: list) -> None:
         beta1, beta2 = group["betas"]
         kernel.adamw_(
-            [fb.master for fb in mine], [fb.grad_shard for fb in mine],
+            masters, grads,
             [fb.exp_avg for fb in mine], [fb.exp_avg_sq for fb in mine],
             [fb.step for fb in mine], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
@@ -234,65 +255,27 @@ class ZeroAdamW(torch.optim.Optimizer):
         """Discard accumulated gradients. ``step()`` already consumes them; this is for parity."""
         self._sync.reset()
 
-    def memory_report(self) -> dict[str, int]:
-        """Bytes of this rank's tensors held by the optimizer, by role, and their ``total``."""
+    def memory_report(self, where: str = "device") -> dict[str, int]:
+        """Bytes of this rank's tensors held by the optimizer, by role, and their ``total``, on the
+        device (``where="host"``: offloaded optimizer state); ``zero_adam.memory`` predicts them."""
         out: dict[str, int] = {}
         for fb in self.buckets:
-            for k, v in fb.nbytes().items():
+            for k, v in (fb.device_nbytes() if where == "device" else fb.host_nbytes()).items():
                 out[k] = out.get(k, 0) + v
-        out["buffers"] += self._pool.nbytes()
+        if where == "device":
+            out["buffers"] += self._pool.nbytes()
         out["total"] = sum(out.values())
         return out
 
-    # -- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's shards (same world size only; ``zero_adam.checkpoint`` reshards)."""
-        self.wait_params()
-        out = super().state_dict()
-        out["state"] = {fb.bucket.index: fb.state_tensors() for fb in self.buckets}
-        out["zero_adam"] = {"world_size": self.comm.world_size, "rank": self.comm.rank,
-                            "fingerprint": self.plan.fingerprint(), "stage": self.options.stage,
-                            "scaler": self.scaler_state()}
-        return out
 
-    @torch.no_grad()
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        meta = state_dict.get("zero_adam")
-        if meta is None:
-            raise ValueError("this state dict was not saved by ZeroAdamW; to start from a "
-                             "torch.optim.AdamW state use zero_adam.checkpoint")
-        mine = (self.comm.world_size, self.comm.rank, self.plan.fingerprint())
-        theirs = (meta["world_size"], meta["rank"], meta["fingerprint"])
-        if mine != theirs:
-            raise ValueError(f"state dict was saved by rank {theirs[1]} of {theirs[0]} with plan "
-                             f"{theirs[2]}; this is rank {mine[1]} of {mine[0]} with plan "
-                             f"{mine[2]}. ZeroAdamW.state_dict() only reloads on the same layout; "
-                             "use zero_adam.checkpoint.save/load to change the world size")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer "
-                             f"has {len(self.param_groups)}")
-        for fb in self.buckets:
-            for name, t in fb.state_tensors().items():
-                t.copy_(state_dict["state"][fb.bucket.index][name])
-        for group, saved in zip(self.param_groups, saved_groups):
-            group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
-        self.load_scaler_state(meta.get("scaler"))
-        self.reload_params()
-
-    def scaler_state(self) -> dict[str, Any] | None:
-        return None if self._scaler is None else self._scaler.state_dict()
-
-    def load_scaler_state(self, state: dict[str, Any] | None) -> None:
-        if self._scaler is not None and state is not None:
-            self._scaler.load_state_dict(state)
-
-    @torch.no_grad()
-    def reload_params(self) -> None:
-        """Make the model's parameters the cast of the (just loaded) master shards, on every rank."""
-        self.wait_params()
-        self._sync.reset()
-        for fb in self.buckets:
-            fb.publish_master()
-        for p in [self.comm.all_gather(fb.param_buffer, fb.lo, fb.hi) for fb in self.buckets]:
-            p.wait()
+def _dp_group(process_group: Any, mesh: Any, dp_dim: str) -> Any:
+    """The data-parallel group: given directly, or the ``dp_dim`` dimension of a ``DeviceMesh``."""
+    if mesh is None:
+        return process_group
+    if process_group is not None:
+        raise ValueError("pass either process_group or mesh (with dp_dim), not both")
+    names = mesh.mesh_dim_names or ()
+    if dp_dim not in names:
+        raise ValueError(f"dp_dim={dp_dim!r} is not a dimension of the mesh (it has {list(names)}); "
+                         "name the data-parallel dimension")
+    return mesh.get_group(dp_dim)

@@ -24,6 +24,9 @@ class ShardingOptions:
     * ``param_dtype``: cast the model's parameters to this dtype (e.g. ``torch.bfloat16``); the FP32
       master is initialised from the original values. ``None`` keeps each parameter's dtype.
     * ``reduce_dtype``: dtype of gradient buffers and of the reduction.
+    * ``grad_dtype``: dtype of the gradient shard the step reads (and stage 2 accumulates in);
+      ``None``: the master's (FP32). A 16-bit shard halves stage 2's gradient memory (the ZeRO
+      paper's setting) and is cast to FP32 one bucket at a time for the update.
     * ``max_grad_norm``: clip the global gradient norm to this value (``None``: no clipping).
     * ``accumulate``: where ``no_sync()`` micro-steps accumulate. ``"local"``: a full gradient
       buffer in ``reduce_dtype``, one reduction per step (stage 1 always; stage 2 then holds that
@@ -37,6 +40,11 @@ class ShardingOptions:
     * ``nonfinite``: what a step does when the gradient holds an inf or NaN (without a loss
       scaler): ``"skip"`` it on every rank, touching no state, or ``"raise"`` an error naming the
       parameters. With fp16 loss scaling, overflowing steps are always skipped.
+    * ``master``: ``"fp32"`` (4 bytes/element for 16-bit params) or ``"remainder"`` (bf16 params
+      only: the bf16 weight plus an int16 remainder are the FP32 master exactly, 2 bytes/element,
+      bit-identical training; zero_adam.master).
+    * ``offload``: ``"cpu"`` keeps master weights and moments in (pinned) host memory and runs the
+      update there, bucket by bucket, overlapping transfers with the next bucket's update.
     * ``max_inflight``: stage 2 keeps at most this many bucket-sized gradient buffers in flight
       during backward (older reductions are finished first), bounding gradient memory.
     """
@@ -45,6 +53,7 @@ class ShardingOptions:
     bucket_mb: float = 25.0
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype = torch.float32
+    grad_dtype: torch.dtype | None = None
     max_grad_norm: float | None = None
     accumulate: str | None = None
     reduce_collective: str = "auto"
@@ -53,6 +62,8 @@ class ShardingOptions:
     overlap_gather: bool = False
     max_inflight: int = 2
     nonfinite: str = "skip"
+    master: str = "fp32"
+    offload: str | None = None
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -82,6 +93,8 @@ def _problems(o: ShardingOptions) -> list[str]:
     if o.reduce_dtype not in FLOAT_DTYPES:
         out.append(f"reduce_dtype={o.reduce_dtype!r}: must be a floating torch.dtype such as "
                    "torch.float32")
+    if o.grad_dtype is not None and o.grad_dtype not in FLOAT_DTYPES:
+        out.append(f"grad_dtype={o.grad_dtype!r}: must be None or a floating torch.dtype")
     if o.max_grad_norm is not None and (
             isinstance(o.max_grad_norm, bool) or not isinstance(o.max_grad_norm, (int, float))
             or not math.isfinite(o.max_grad_norm) or o.max_grad_norm <= 0):
@@ -94,6 +107,13 @@ def _problems(o: ShardingOptions) -> list[str]:
                    "reduces it once per step; use accumulate='local' or stage=2")
     if isinstance(o.max_inflight, bool) or not isinstance(o.max_inflight, int) or o.max_inflight < 1:
         out.append(f"max_inflight={o.max_inflight!r}: must be a positive integer, e.g. 2")
+    if o.master not in ("fp32", "remainder"):
+        out.append(f"master={o.master!r}: must be 'fp32' or 'remainder'")
+    if o.offload not in (None, "cpu"):
+        out.append(f"offload={o.offload!r}: must be None or 'cpu'")
+    if o.master == "remainder" and o.offload == "cpu":
+        out.append("master='remainder' with offload='cpu': an offloaded master lives in host memory "
+                   "already; choose one of them")
     if o.nonfinite not in ("skip", "raise"):
         out.append(f"nonfinite={o.nonfinite!r}: must be 'skip' or 'raise'")
     if not isinstance(o.overlap_gather, bool):

@@ -30,6 +30,7 @@ class ParamSpec:
     group: int
     shape: tuple[int, ...]
     dtype: torch.dtype
+    tp_sharded: bool = False   # a tensor-parallel shard: disjoint across TP ranks
 
     @property
     def numel(self) -> int:
@@ -54,6 +55,7 @@ class Bucket:
     group: int
     dtype: torch.dtype
     slots: tuple[Slot, ...]
+    tp_sharded: bool = False
 
     @property
     def numel(self) -> int:
@@ -116,7 +118,8 @@ class Plan:
         """One human-readable line per parameter and per bucket (used to explain a mismatch)."""
         lines = [f"align={self.align}"]
         for p in self.params:
-            lines.append(f"param {p.key}: group {p.group}, shape {list(p.shape)}, {p.dtype}")
+            lines.append(f"param {p.key}: group {p.group}, shape {list(p.shape)}, {p.dtype}"
+                         + (", TP-sharded" if p.tp_sharded else ""))
         for b in self.buckets:
             keys = ",".join(self.params[s.param].key for s in b.slots)
             lines.append(f"bucket {b.index}: group {b.group}, {b.dtype}, {b.numel} elements [{keys}]")
@@ -126,7 +129,8 @@ class Plan:
 def build_plan(
     params: Sequence[ParamSpec], *, bucket_numel: int, align: int = DEFAULT_ALIGN
 ) -> Plan:
-    """Group params into buckets of at most ``bucket_numel`` elements by (param group, dtype).
+    """Group params into buckets of at most ``bucket_numel`` elements by (param group, dtype, and
+    whether they are tensor-parallel shards: the gradient norm treats those differently).
 
     Backward produces gradients roughly in reverse registration order, so each bucket is filled
     from the end of the parameter list, and buckets are ordered by when their *last* gradient is
@@ -145,33 +149,58 @@ def build_plan(
         if p.numel == 0:
             raise ValueError(f"parameter {p.key} has no elements (shape {list(p.shape)})")
 
-    drafts: list[tuple[int, int, torch.dtype, list[int]]] = []  # (ready_key, group, dtype, params)
-    for (group, dtype), members in _by_group_and_dtype(params).items():
+    drafts: list[tuple[int, int, torch.dtype, list[int], bool]] = []
+    for (group, dtype, sharded), members in _by_group_and_dtype(params).items():
         current: list[int] = []
         size = 0
         for i in reversed(members):
             n = params[i].numel
             if current and size + n > bucket_numel:
-                drafts.append((-min(current), group, dtype, current))
+                drafts.append((-min(current), group, dtype, current, sharded))
                 current, size = [], 0
             current.append(i)
             size += n
         if current:
-            drafts.append((-min(current), group, dtype, current))
+            drafts.append((-min(current), group, dtype, current, sharded))
     drafts.sort(key=lambda d: (d[0], d[1]))
 
     buckets = []
-    for index, (_, group, dtype, members) in enumerate(drafts):
+    for index, (_, group, dtype, members, sharded) in enumerate(drafts):
         slots, offset = [], 0
         for i in members:
             slots.append(Slot(i, offset, params[i].numel))
             offset += params[i].numel
-        buckets.append(Bucket(index, group, dtype, tuple(slots)))
+        buckets.append(Bucket(index, group, dtype, tuple(slots), sharded))
     return Plan(tuple(params), tuple(buckets), align)
 
 
-def _by_group_and_dtype(params: Iterable[ParamSpec]) -> dict[tuple[int, torch.dtype], list[int]]:
-    out: dict[tuple[int, torch.dtype], list[int]] = {}
+def trainable_specs(param_groups: Sequence[dict], param_dtype: torch.dtype | None = None,
+                    tp_rule=None) -> tuple[list[torch.Tensor], list[ParamSpec]]:
+    """The trainable tensors of torch-style param groups and their specs, in plan order.
+
+    Keys are the groups' ``param_names`` when given (``named_parameters()``), else positions.
+    DTensor parameters contribute their local shape. ``tp_rule(key, shape) -> (local_shape,
+    sharded)`` describes tensor parallelism for plain tensors (the planner sizing a TP run).
+    """
+    from .dtensor import local, tp_sharded
+    tensors, specs = [], []
+    for gi, group in enumerate(param_groups):
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            if not p.requires_grad:
+                continue
+            key = names[i] if names else f"param_groups.{gi}.params.{i}"
+            shape, sharded = tuple(local(p).shape), tp_sharded(p)
+            if tp_rule is not None:
+                shape, sharded = tp_rule(key, shape)
+            specs.append(ParamSpec(key=key, group=gi, shape=tuple(shape), dtype=param_dtype or p.dtype,
+                                   tp_sharded=sharded))
+            tensors.append(p)
+    return tensors, specs
+
+
+def _by_group_and_dtype(params: Iterable[ParamSpec]) -> dict[tuple[int, torch.dtype, bool], list[int]]:
+    out: dict[tuple[int, torch.dtype, bool], list[int]] = {}
     for i, p in enumerate(params):
-        out.setdefault((p.group, p.dtype), []).append(i)
+        out.setdefault((p.group, p.dtype, p.tp_sharded), []).append(i)
     return out

@@ -1,0 +1,187 @@
+"""Per-rank memory of a config under ZeroAdamW, from the runtime's own partitioner (no GPU needed).
+
+    python launch/plan.py --config configs/llama3_70b.yaml --world-size 16 --tp 8 --gpu-mem 80
+    python launch/plan.py --params 7.5e9 --world-size 64 --param-dtype float16 --reduce-dtype float16 \\
+        --grad-dtype float16                      # the ZeRO paper's Figure 1 setting
+    python launch/plan.py --config configs/llama3_8b.yaml --world-size 8 --json
+
+``--world-size`` is the number of data-parallel ranks N (ZeRO shards over these); with ``--tp T``
+each of them is T GPUs, so the job uses N x T GPUs. The model is built on the ``meta`` device and
+partitioned exactly as ZeroAdamW will; activations are not included (use ``--reserve``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from launch import tp as tensor_parallel  # noqa: E402
+from launch.config import ConfigError, load_config  # noqa: E402
+from launch.model import Llama  # noqa: E402
+from launch.optim import DTYPES, param_groups  # noqa: E402
+from zero_adam.memory import FIELDS, Estimate, bare_plan, estimate, plan_params  # noqa: E402
+from zero_adam.options import ShardingOptions  # noqa: E402
+from zero_adam.plan import Plan  # noqa: E402
+
+GIB = 2 ** 30
+
+
+class PlanError(Exception):
+    pass
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="launch/plan.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="a launch YAML (its model and optim sections are used)")
+    src.add_argument("--params", type=float, help="a bare parameter count, e.g. 7.5e9")
+    p.add_argument("--world-size", type=int, required=True, help="data-parallel ranks N")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree T (default 1)")
+    p.add_argument("--stage", type=int, choices=[1, 2], help="default: the config's optim.stage, else 2")
+    p.add_argument("--offload", choices=["cpu"], help="optimizer state in host memory")
+    p.add_argument("--master", choices=["fp32", "remainder"], default="fp32")
+    p.add_argument("--param-dtype", choices=list(DTYPES), help="default: the config's, else bfloat16")
+    p.add_argument("--reduce-dtype", choices=list(DTYPES), help="default: the config's, else float32")
+    p.add_argument("--grad-dtype", choices=list(DTYPES), help="gradient shard dtype (default float32)")
+    p.add_argument("--gpu-mem", type=float, help="GiB per GPU: say whether it fits and what would")
+    p.add_argument("--reserve", type=float, default=0.0, help="GiB per GPU kept for activations etc.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args(argv)
+    for flag, v in (("--world-size", a.world_size), ("--tp", a.tp)):
+        if v < 1:
+            p.error(f"{flag} must be a positive integer, got {v}")
+    if a.params is not None and not 1 <= a.params < 1e15:
+        p.error(f"--params must be a positive parameter count such as 7.5e9, got {a.params:g}")
+    if a.gpu_mem is not None and a.gpu_mem <= 0:
+        p.error(f"--gpu-mem must be positive GiB, got {a.gpu_mem}")
+    if a.params is not None and a.tp > 1:
+        p.error("--tp needs --config (which weights split across TP ranks depends on the model)")
+    return a
+
+
+class Planner:
+    """Builds the plan once per TP degree and estimates any (N, stage, offload) from it."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.cfg = load_config(a.config) if a.config else None
+        o = self.cfg.optim if self.cfg else None
+        self.stage = a.stage or (o.stage if o else 2)
+        self.param_dtype = DTYPES[a.param_dtype or (o.param_dtype if o and o.param_dtype else "bfloat16")]
+        self.reduce_dtype = DTYPES[a.reduce_dtype or (o.reduce_dtype if o else "float32")]
+        self.grad_dtype = DTYPES[a.grad_dtype] if a.grad_dtype else None
+        self.bucket_mb = o.bucket_mb if o else 25.0
+        self._plans: dict[int, Plan] = {}
+
+    def plan(self, tp: int) -> Plan:
+        if tp not in self._plans:
+            self._plans[tp] = self._build(tp)
+        return self._plans[tp]
+
+    def _build(self, tp: int) -> Plan:
+        if self.cfg is None:
+            numel = ShardingOptions(bucket_mb=self.bucket_mb, reduce_dtype=self.reduce_dtype).bucket_numel
+            return bare_plan(self.a.params, dtype=self.param_dtype, bucket_numel=numel)
+        problems = tensor_parallel.check(self.cfg.model, tp)
+        if problems:
+            raise PlanError("; ".join(problems))
+        with torch.device("meta"):
+            model = Llama(self.cfg.model)
+        return plan_params(param_groups(model, self.cfg.optim), param_dtype=self.param_dtype,
+                           bucket_mb=self.bucket_mb, reduce_dtype=self.reduce_dtype,
+                           tp_rule=lambda name, shape: tensor_parallel.local_shape(name, shape, tp))
+
+    def estimate(self, n: int, tp: int, stage: int, offload: str | None) -> Estimate:
+        return estimate(self.plan(tp), n, stage=stage, reduce_dtype=self.reduce_dtype,
+                        grad_dtype=self.grad_dtype, master=self.a.master, offload=offload)
+
+    def smallest_fit(self, budget: float) -> dict | None:
+        """Fewest GPUs (then no offload, then stage 1) whose device bytes fit ``budget``."""
+        tps = [t for t in (1, 2, 4, 8, 16) if self.cfg is None and t == 1 or self.cfg is not None
+               and not tensor_parallel.check(self.cfg.model, t)]
+        options = []
+        for tp in tps:
+            for n in (2 ** k for k in range(0, 14)):
+                for offload in (None, "cpu"):
+                    for stage in (1, 2):
+                        if self.estimate(n, tp, stage, offload).device.total <= budget:
+                            options.append((n * tp, offload is not None, stage, n, tp, offload))
+                            break
+        if not options:
+            return None
+        gpus, _, stage, n, tp, offload = min(options)
+        return {"world_size": n, "tp": tp, "stage": stage, "offload": offload, "gpus": gpus}
+
+
+def render(a: argparse.Namespace, pl: Planner, e: Estimate, fits: bool | None, best: dict | None) -> str:
+    plan = pl.plan(a.tp)
+    padding = sum(plan.padding(b, a.world_size) for b in plan.buckets)
+    total_params = e.n_params * a.tp if pl.cfg is None else _model_params(pl)
+    what = a.config or f"{a.params:.3g} parameters"
+    lines = [f"{what}: {total_params:,} params; N={a.world_size} data-parallel x TP={a.tp} "
+             f"({a.world_size * a.tp} GPUs), ZeRO stage {pl.stage}, {str(pl.param_dtype)[6:]} params, "
+             f"{str(pl.reduce_dtype)[6:]} reduce, master {a.master}"
+             + (", optimizer state offloaded to CPU" if a.offload else ""),
+             f"{len(plan.buckets)} buckets, {padding:,} padding elements per rank", "",
+             f"{'per rank':<14}{'GiB':>10}{'bytes':>20}" + (f"{'host GiB':>12}" if a.offload else "")]
+    for f in FIELDS:
+        row = f"{f:<14}{getattr(e.device, f) / GIB:>10.2f}{getattr(e.device, f):>20,}"
+        lines.append(row + (f"{getattr(e.host, f) / GIB:>12.2f}" if a.offload else ""))
+    lines.append(f"{'total':<14}{e.device.total / GIB:>10.2f}{e.device.total:>20,}"
+                 + (f"{e.host.total / GIB:>12.2f}" if a.offload else ""))
+    lines.append(f"{'model states':<14}{e.device.model_states / GIB:>10.2f}  (params + grads + optimizer "
+                 "state: what the ZeRO paper counts; decimal GB "
+                 f"{e.device.model_states / 1e9:.1f})")
+    ddp = pl.estimate(1, a.tp, 1, None).device
+    lines.append(f"{'no sharding':<14}{ddp.model_states / GIB:>10.2f}  (DDP + AdamW with an FP32 master, "
+                 f"the same model states unsharded; decimal GB {ddp.model_states / 1e9:.1f})")
+    if a.gpu_mem is not None:
+        lines.append("")
+        need = e.device.total / GIB + a.reserve
+        lines.append(f"{'fits' if fits else 'does NOT fit'} in {a.gpu_mem:g} GiB per GPU "
+                     f"(needs {need:.1f} GiB incl. {a.reserve:g} GiB reserve)")
+        if not fits:
+            lines.append("smallest that fits: " + (
+                f"N={best['world_size']} x TP={best['tp']} ({best['gpus']} GPUs), stage {best['stage']}"
+                + (", offload cpu" if best["offload"] else "") if best else "nothing up to 8192 x 16 GPUs"))
+    return "\n".join(lines)
+
+
+def _model_params(pl: Planner) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in Llama(pl.cfg.model).parameters())
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    try:
+        pl = Planner(a)
+        e = pl.estimate(a.world_size, a.tp, pl.stage, a.offload)
+        budget = (a.gpu_mem - a.reserve) * GIB if a.gpu_mem is not None else None
+        fits = None if budget is None else e.device.total <= budget
+        best = pl.smallest_fit(budget) if budget is not None and not fits else None
+    except (ConfigError, PlanError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if a.json:
+        out = {"params": int(a.params) if pl.cfg is None else _model_params(pl),
+               "per_rank_bytes": e.device.as_dict(), "host_bytes": e.host.as_dict(),
+               "model_states_bytes": e.device.model_states,
+               "unsharded_model_states_bytes": pl.estimate(1, a.tp, 1, None).device.model_states,
+               "world_size": a.world_size, "tp": a.tp,
+               "stage": pl.stage, "offload": a.offload, "fits": fits, "smallest_fit": best}
+        print(json.dumps(out))
+    else:
+        print(render(a, pl, e, fits, best))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

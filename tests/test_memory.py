@@ -1,0 +1,104 @@
+"""The memory planner: exact against the runtime's own tensors, the ZeRO paper, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zero_adam import ZeroAdamW
+from zero_adam.memory import estimate, plan_params
+
+from _models import make_model, named_groups
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAN = [sys.executable, str(ROOT / "launch/plan.py")]
+
+VARIANTS = [
+    dict(stage=1), dict(stage=2), dict(stage=1, param_dtype=torch.bfloat16),
+    dict(stage=2, param_dtype=torch.bfloat16), dict(stage=1, reduce_dtype=torch.bfloat16),
+    dict(stage=2, grad_dtype=torch.bfloat16), dict(stage=1, reduce_dtype=torch.bfloat16,
+                                                   grad_dtype=torch.bfloat16, param_dtype=torch.bfloat16),
+    dict(stage=2, amsgrad=True),
+]
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=[str(sorted(v.items())) for v in VARIANTS])
+def test_runtime_tensors_equal_the_plan_to_the_byte(kw):
+    model = make_model()
+    opt = ZeroAdamW(named_groups(model), bucket_mb=0.004, **kw)
+    plan = plan_params(named_groups(make_model()), param_dtype=kw.get("param_dtype"), bucket_mb=0.004,
+                       reduce_dtype=kw.get("reduce_dtype", torch.float32))
+    assert plan.fingerprint() == opt.plan.fingerprint(), "the planner must build the runtime's plan"
+    e = estimate(plan, 1, stage=kw["stage"], reduce_dtype=kw.get("reduce_dtype", torch.float32),
+                 grad_dtype=kw.get("grad_dtype"), amsgrad=kw.get("amsgrad", False)).device
+    from _models import batch, loss_fn
+    for s in range(2):
+        loss_fn(model, *batch(s, 8)).backward()
+        opt.step()
+    got = opt.memory_report()
+    for field in ("params", "grads", "master", "exp_avg", "exp_avg_sq"):
+        assert got[field] == getattr(e, field), (field, got, e)
+    assert got["buffers"] <= e.buffers
+
+
+def plan_cli(*args, ok=True):
+    run = subprocess.run(PLAN + list(args), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if ok:
+        assert run.returncode == 0, run.stderr
+    return run
+
+
+def test_zero_paper_figure_1():
+    """Psi = 7.5B, N = 64, fp16 params and grads, K = 12: 120 / 31.4 / 16.6 GB."""
+    common = ["--params", "7.5e9", "--world-size", "64", "--param-dtype", "float16", "--reduce-dtype",
+              "float16", "--grad-dtype", "float16", "--json"]
+    one = json.loads(plan_cli(*common, "--stage", "1").stdout)
+    two = json.loads(plan_cli(*common, "--stage", "2").stdout)
+    assert round(one["unsharded_model_states_bytes"] / 1e9, 1) == 120.0
+    assert round(one["model_states_bytes"] / 1e9, 1) == 31.4
+    assert round(two["model_states_bytes"] / 1e9, 1) == 16.6
+    assert one["params"] == 7_500_000_000
+    assert set(two["per_rank_bytes"]) == {"params", "grads", "master", "exp_avg", "exp_avg_sq", "buffers",
+                                          "total"}
+
+
+def test_llama3_70b_needs_tensor_parallelism_or_offload():
+    dp = json.loads(plan_cli("--config", "configs/llama3_70b.yaml", "--world-size", "64", "--gpu-mem", "80",
+                             "--json").stdout)
+    assert dp["params"] == 70_553_706_496
+    assert dp["per_rank_bytes"]["params"] == 2 * 70_553_706_496, "ZeRO-1/2 keep the full bf16 params"
+    assert dp["fits"] is False and dp["smallest_fit"]["gpus"] <= 64
+    tp = json.loads(plan_cli("--config", "configs/llama3_70b.yaml", "--world-size", "16", "--tp", "8",
+                             "--gpu-mem", "80", "--json").stdout)
+    assert tp["fits"] is True and tp["per_rank_bytes"]["total"] < 30 * 2**30
+    text = plan_cli("--config", "configs/llama3_70b.yaml", "--world-size", "64", "--gpu-mem", "80").stdout
+    assert "does NOT fit in 80 GiB" in text and "smallest that fits:" in text
+
+
+def test_offload_moves_optimizer_state_to_the_host():
+    base = json.loads(plan_cli("--config", "configs/llama3_8b.yaml", "--world-size", "8", "--json").stdout)
+    off = json.loads(plan_cli("--config", "configs/llama3_8b.yaml", "--world-size", "8", "--offload", "cpu",
+                              "--json").stdout)
+    saved = base["per_rank_bytes"]["total"] - off["per_rank_bytes"]["total"]
+    moved = sum(off["host_bytes"][k] for k in ("master", "exp_avg", "exp_avg_sq"))
+    assert saved == moved > 0
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--world-size", "8"], "one of the arguments --config --params is required"),
+    (["--params", "7e9", "--world-size", "0"], "--world-size must be a positive integer"),
+    (["--params", "-3", "--world-size", "8"], "--params must be a positive parameter count"),
+    (["--params", "7e9", "--world-size", "8", "--stage", "3"], "invalid choice: 3"),
+    (["--params", "7e9", "--world-size", "8", "--tp", "2"], "--tp needs --config"),
+    (["--config", "configs/llama3_8b.yaml", "--world-size", "8", "--tp", "3"], "not divisible by 3"),
+    (["--config", "nowhere.yaml", "--world-size", "8"], "no such config file"),
+    (["--params", "7e9", "--world-size", "x"], "invalid int value"),
+])
+def test_bad_planner_arguments_exit_2_without_traceback(args, expected):
+    run = plan_cli(*args, ok=False)
+    assert run.returncode == 2 and expected in run.stderr and "Traceback" not in run.stderr, run.stderr
