@@ -1,0 +1,90 @@
+"""Where a step's time goes: forward, backward and optimizer step, per method, interleaved.
+
+    DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node=2 bench/phases.py [--rounds 10]
+
+DDP + fused AdamW, zero-adam stage 2 (overlap_gather on) and DeepSpeed ZeRO-2 train their own
+copy of the benchmark model; every round times one step of each (medians printed). Communication
+overlapped with compute shows up inside forward (zero-adam's all-gather waits) or backward
+(gradient reductions); what is left in "step" is the optimizer and whatever waits it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from launch import runtime  # noqa: E402
+from launch.model import Llama  # noqa: E402
+
+import methods  # noqa: E402
+from worker import MODEL  # noqa: E402
+
+
+def build(name: str, rt):
+    torch.manual_seed(0)
+    model = Llama(MODEL).to(rt.device)
+    if name == "ddp":
+        fwd = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=methods.LR, fused=True)
+        return fwd, lambda loss: loss.backward(), lambda: (
+            torch.nn.utils.clip_grad_norm_(model.parameters(), methods.CLIP), opt.step(), opt.zero_grad())
+    if name == "zero-adam-2":
+        from zero_adam import ZeroAdamW
+        opt = ZeroAdamW(model.parameters(), lr=methods.LR, stage=2, max_grad_norm=methods.CLIP,
+                        overlap_gather=True)
+        return model, lambda loss: loss.backward(), lambda: (opt.step(), opt.zero_grad())
+    import deepspeed
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=methods.LR,
+                                                                                fused=True),
+                                      config={"train_micro_batch_size_per_gpu": 8, "gradient_clipping": methods.CLIP,
+                                              "zero_optimization": {"stage": 2, "overlap_comm": True},
+                                              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9},
+                                      dist_init_required=False)
+    return engine, engine.backward, engine.step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=10)
+    a = p.parse_args()
+    rt = runtime.init()
+    import deepspeed
+    deepspeed.init_distributed(dist_backend=rt.backend)
+    runs = {n: build(n, rt) for n in ("ddp", "zero-adam-2", "deepspeed-2")}
+    times = {n: {"forward": [], "backward": [], "step": [], "total": []} for n in runs}
+    g = torch.Generator().manual_seed(rt.rank)
+    for r in range(a.rounds + 2):
+        x = torch.randint(0, MODEL.vocab_size, (8, 128), generator=g)
+        for name, (fwd, backward, step) in runs.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(fwd(x).float().flatten(0, 1), x.flatten())
+            t1 = time.perf_counter()
+            backward(loss)
+            t2 = time.perf_counter()
+            step()
+            t3 = time.perf_counter()
+            if r >= 2:
+                for k, v in (("forward", t1 - t0), ("backward", t2 - t1), ("step", t3 - t2), ("total", t3 - t0)):
+                    times[name][k].append(v)
+    if rt.is_main:
+        print("| method | forward (ms) | backward (ms) | optimizer step (ms) | total (ms) |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, ph in times.items():
+            print(f"| {name} | " + " | ".join(f"{statistics.median(ph[k]) * 1e3:.0f}"
+                                               for k in ("forward", "backward", "step", "total")) + " |")
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()
