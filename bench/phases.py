@@ -44,12 +44,11 @@ def build(name: str, rt):
                         overlap_gather=True)
         return model, lambda loss: loss.backward(), lambda: (opt.step(), opt.zero_grad())
     import deepspeed
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=methods.LR,
-                                                                                fused=True),
-                                      config={"train_micro_batch_size_per_gpu": 8, "gradient_clipping": methods.CLIP,
-                                              "zero_optimization": {"stage": 2, "overlap_comm": True},
-                                              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9},
-                                      dist_init_required=False)
+    config = {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": methods.CLIP,
+              "zero_optimization": {"stage": 2, "overlap_comm": True},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    opt = torch.optim.AdamW(model.parameters(), lr=methods.LR, fused=True)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
     return engine, engine.backward, engine.step
 
 
@@ -75,7 +74,8 @@ def main() -> None:
             step()
             t3 = time.perf_counter()
             if r >= 2:
-                for k, v in (("forward", t1 - t0), ("backward", t2 - t1), ("step", t3 - t2), ("total", t3 - t0)):
+                phases = (("forward", t1 - t0), ("backward", t2 - t1), ("step", t3 - t2), ("total", t3 - t0))
+                for k, v in phases:
                     times[name][k].append(v)
     if rt.is_main:
         print("| method | forward (ms) | backward (ms) | optimizer step (ms) | total (ms) |")
