@@ -8,14 +8,15 @@ CONFIG ?= configs/tiny.yaml
 
 .PHONY: setup test lint train bench plan clean
 
-# The venv is rebuilt when pyproject.toml changes. torch is pinned only when none is importable:
+# The venv is rebuilt when pyproject.toml changes; it holds every extra, since the suite also tests
+# the optional integrations (transformers, accelerate, deepspeed). torch is pinned only when none is importable:
 # on these machines `pip install torch==2.13.0` takes a CPU wheel from disk, while an open range
 # would resolve to a multi-GB CUDA build. pyproject.toml keeps the range for users.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[train,test]"
+	$(PY) -m pip install -q -e ".[train,test,hf,bench]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -33,7 +34,6 @@ train: setup
 
 # Benchmark against DDP, torch ZeRO, DeepSpeed ZeRO-1/2 and FSDP2; writes docs/benchmarks.md (~20 min on 2 cores).
 bench: setup
-	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/run.py
 
 clean:

@@ -35,7 +35,11 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, untied embeddings."""
+    """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, untied embeddings.
+
+    Or, with ``hf_config`` (e.g. ``LlamaConfig``), a ``transformers`` causal LM built from that config
+    class and ``hf_fields`` (no weights downloaded); ``vocab_size`` and ``max_seq_len`` fill in the
+    vocabulary and positions unless ``hf_fields`` sets them."""
     vocab_size: int = Field(256, gt=0)
     dim: int = Field(128, gt=0)
     n_layers: int = Field(4, gt=0)
@@ -46,9 +50,13 @@ class ModelConfig(Section):
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
+    hf_config: str | None = None
+    hf_fields: dict[str, Any] = Field(default_factory=dict)
 
     def problems(self) -> list[str]:
         out = []
+        if self.hf_fields and not self.hf_config:
+            out.append("model.hf_fields: only used with model.hf_config (e.g. LlamaConfig)")
         if self.dim % self.n_heads:
             out.append(f"model.n_heads={self.n_heads}: must divide model.dim={self.dim}")
         elif (self.dim // self.n_heads) % 2:

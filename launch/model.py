@@ -117,3 +117,41 @@ class Llama(nn.Module):
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class HFCausalLM(nn.Module):
+    """A ``transformers`` causal LM built from a config class by name; forward returns logits."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from launch.config import ConfigError
+        try:
+            import transformers
+        except ImportError:
+            raise ConfigError("model.hf_config", [f"model.hf_config={cfg.hf_config}: needs transformers "
+                                                  "(pip install 'zero-adam[hf]')"]) from None
+        cls = getattr(transformers, cfg.hf_config, None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PretrainedConfig)):
+            raise ConfigError("model.hf_config", [f"model.hf_config={cfg.hf_config}: transformers has no "
+                                                  "config class of that name (e.g. LlamaConfig, GPT2Config)"])
+        known = set(cls().to_dict())
+        unknown = sorted(set(cfg.hf_fields) - known)
+        if unknown:
+            import difflib
+            hints = [f"model.hf_fields.{k}: {cfg.hf_config} has no such field" + (
+                f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
+                for k in unknown]
+            raise ConfigError("model.hf_fields", hints)
+        fields = {"vocab_size": cfg.vocab_size, **cfg.hf_fields}
+        for positions in ("max_position_embeddings", "n_positions"):
+            if positions in known:
+                fields.setdefault(positions, cfg.max_seq_len)
+        self.inner = transformers.AutoModelForCausalLM.from_config(cls(**fields))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids=tokens).logits
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The built-in Llama, or a ``transformers`` model when ``model.hf_config`` is set."""
+    return HFCausalLM(cfg) if cfg.hf_config else Llama(cfg)

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from launch import tp as tensor_parallel  # noqa: E402
 from launch.config import ConfigError, load_config  # noqa: E402
-from launch.model import Llama  # noqa: E402
+from launch.model import build_model  # noqa: E402
 from launch.optim import DTYPES, param_groups  # noqa: E402
 from zero_adam.memory import FIELDS, Estimate, bare_plan, estimate, plan_params  # noqa: E402
 from zero_adam.options import ShardingOptions  # noqa: E402
@@ -90,10 +90,13 @@ class Planner:
             numel = ShardingOptions(bucket_mb=self.bucket_mb, reduce_dtype=self.reduce_dtype).bucket_numel
             return bare_plan(self.a.params, dtype=self.param_dtype, bucket_numel=numel)
         problems = tensor_parallel.check(self.cfg.model, tp)
+        if tp > 1 and self.cfg.model.hf_config:
+            problems.append(f"--tp {tp}: the tensor-parallel plan (launch/tp.py) is for the built-in Llama, "
+                            f"not model.hf_config={self.cfg.model.hf_config}")
         if problems:
             raise PlanError("; ".join(problems))
         with torch.device("meta"):
-            model = Llama(self.cfg.model)
+            model = build_model(self.cfg.model)
         return plan_params(param_groups(model, self.cfg.optim), param_dtype=self.param_dtype,
                            bucket_mb=self.bucket_mb, reduce_dtype=self.reduce_dtype,
                            tp_rule=lambda name, shape: tensor_parallel.local_shape(name, shape, tp))
@@ -104,8 +107,9 @@ class Planner:
 
     def smallest_fit(self, budget: float) -> dict | None:
         """Fewest GPUs (then no offload, then stage 1) whose device bytes fit ``budget``."""
-        tps = [t for t in (1, 2, 4, 8, 16) if self.cfg is None and t == 1 or self.cfg is not None
-               and not tensor_parallel.check(self.cfg.model, t)]
+        builtin = self.cfg is not None and not self.cfg.model.hf_config
+        tps = [t for t in (1, 2, 4, 8, 16)
+               if t == 1 or (builtin and not tensor_parallel.check(self.cfg.model, t))]
         options = []
         for tp in tps:
             for n in (2 ** k for k in range(0, 14)):
@@ -156,7 +160,7 @@ def render(a: argparse.Namespace, pl: Planner, e: Estimate, fits: bool | None, b
 
 def _model_params(pl: Planner) -> int:
     with torch.device("meta"):
-        return sum(p.numel() for p in Llama(pl.cfg.model).parameters())
+        return sum(p.numel() for p in build_model(pl.cfg.model).parameters())
 
 
 def main(argv: list[str] | None = None) -> int:

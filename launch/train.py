@@ -27,7 +27,7 @@ from launch import checkpointing, runtime  # noqa: E402
 from launch.config import Config, ConfigError, check_world, load_config  # noqa: E402
 from launch.data import Corpus, DataError, batch, load_corpus, rows_of  # noqa: E402
 from launch.logs import RunLog  # noqa: E402
-from launch.model import Llama, count_params  # noqa: E402
+from launch.model import build_model, count_params  # noqa: E402
 from launch.optim import build_optimizer, build_scheduler  # noqa: E402
 from zero_adam import ZeroAdamW  # noqa: E402
 from zero_adam.comm import CollectiveError  # noqa: E402
@@ -87,7 +87,7 @@ def build(cfg: Config, rt: runtime.Runtime, corpus: Corpus) -> tuple[Run, int]:
     """Model, optimizer, schedule and log; resumed from a checkpoint when one applies."""
     t = cfg.train
     torch.manual_seed(t.seed)
-    model = Llama(cfg.model).to(rt.device)
+    model = build_model(cfg.model).to(rt.device)
     opt = build_optimizer(model, cfg.optim, rt.group)
     sched = build_scheduler(opt, cfg.schedule, t.steps)
     out_dir = Path(cfg.logging.out_dir.format(name=cfg.name))

@@ -50,6 +50,10 @@ def _entry(rank: int, world_size: int, tmp: str, target: str, args: tuple, env: 
     import torch.distributed as dist
 
     os.environ.update(env)
+    # what libraries that read torchrun's environment (DeepSpeed, Accelerate) expect to find
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout))

@@ -134,3 +134,19 @@ def test_lr_schedule_shapes():
     f = lr_factor(cfg.schedule, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_transformers_model_by_config_class_name():
+    pytest.importorskip("transformers")
+    from launch.model import build_model
+    cfg = load_config(ROOT / "configs/hf_llama_tiny.yaml")
+    model = build_model(cfg.model)
+    assert type(model.inner).__name__ == "LlamaForCausalLM"
+    assert model(torch.randint(0, 256, (2, 8))).shape == (2, 8, 256)
+    bad = load_config(ROOT / "configs/hf_llama_tiny.yaml", ["model.hf_fields.hiden_size=64"])
+    with pytest.raises(ConfigError, match=r"model.hf_fields.hiden_size: LlamaConfig has no such field "
+                                          r"\(did you mean hidden_size\?\)"):
+        build_model(bad.model)
+    bad = load_config(ROOT / "configs/hf_llama_tiny.yaml", ["model.hf_config=LlamaConfg"])
+    with pytest.raises(ConfigError, match="transformers has no config class"):
+        build_model(bad.model)

@@ -166,3 +166,15 @@ def test_bad_resume_path_is_a_clear_error(tmp_path):
     broken.mkdir()
     done = launch(tmp_path, None, f"checkpoint.resume={broken}", ok=False)
     assert done.returncode == 2 and "is incomplete" in done.stderr
+
+
+def test_transformers_model_trains_through_the_launcher(tmp_path):
+    pytest.importorskip("transformers")
+    args = [str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/hf_llama_tiny.yaml"), *QUICK,
+            f"logging.out_dir={tmp_path}", f"checkpoint.dir={tmp_path}/ckpt", "checkpoint.every=3"]
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [r for r in metrics(tmp_path) if "loss" in r]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+    assert (tmp_path / "ckpt" / "step_00000006" / "zero_adam.json").exists()

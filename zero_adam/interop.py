@@ -17,6 +17,35 @@ from .optimizer import ZeroAdamW
 
 
 @torch.no_grad()
+def load_full_state(model: nn.Module, optimizer: ZeroAdamW, *, params: dict[str, torch.Tensor] | None,
+                    exp_avg: dict[str, torch.Tensor], exp_avg_sq: dict[str, torch.Tensor],
+                    step: float) -> None:
+    """Set masters (``params``: full FP32 weights by name; None keeps the current ones), moments
+    (by name; a missing one is zero) and the step; each rank copies only its own pieces."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [names.get(id(p), "?") for fb in optimizer.buckets for p in fb.params
+               if params is not None and names.get(id(p)) not in params]
+    if missing:
+        raise ValueError(f"no weights given for parameters {missing[:5]}")
+    rank, world = optimizer.comm.rank, optimizer.comm.world_size
+    for fb in optimizer.buckets:
+        master = fb.read_master() if params is not None else None
+        targets = {"exp_avg": (fb.exp_avg, exp_avg), "exp_avg_sq": (fb.exp_avg_sq, exp_avg_sq)}
+        for pc in optimizer.plan.pieces(fb.bucket, rank, world):
+            name = names[id(fb.params[_slot(fb, pc.param)])]
+            n, span = pc.param_hi - pc.param_lo, slice(pc.param_lo, pc.param_hi)
+            for dst, source in targets.values():
+                view = dst[pc.shard_lo:pc.shard_lo + n]
+                view.copy_(source[name].reshape(-1)[span]) if name in source else view.zero_()
+            if master is not None:
+                master[pc.shard_lo:pc.shard_lo + n].copy_(params[name].reshape(-1)[span])
+        if master is not None:
+            fb.write_master(master)
+        fb.step.fill_(step)
+    optimizer.reload_params()
+
+
+@torch.no_grad()
 def load_adamw_state_dict(model: nn.Module, optimizer: ZeroAdamW, state_dict: dict[str, Any]) -> None:
     """Copy moments, step and hyperparameters from an AdamW state dict into ``optimizer``.
 
@@ -32,23 +61,11 @@ def load_adamw_state_dict(model: nn.Module, optimizer: ZeroAdamW, state_dict: di
         raise ValueError(f"the AdamW state has different step counts per parameter ({sorted(steps)[:4]}"
                          "...); ZeroAdamW keeps one step count: it can only join from a state where "
                          "every parameter was updated at every step")
-    step = steps.pop() if steps else 0.0
-    rank, world = optimizer.comm.rank, optimizer.comm.world_size
-    for fb in optimizer.buckets:
-        targets = {"exp_avg": fb.exp_avg, "exp_avg_sq": fb.exp_avg_sq, "max_exp_avg_sq": fb.max_exp_avg_sq}
-        for pc in optimizer.plan.pieces(fb.bucket, rank, world):
-            entry = state.get(position[id(fb.params[_slot(fb, pc.param)])], {})
-            n = pc.param_hi - pc.param_lo
-            for kind, dst in targets.items():
-                if dst is None:
-                    continue
-                src = entry.get(kind)
-                view = dst[pc.shard_lo:pc.shard_lo + n]
-                if src is None:
-                    view.zero_()
-                else:
-                    view.copy_(src.reshape(-1)[pc.param_lo:pc.param_hi])
-        fb.step.fill_(step)
+    names = {id(p): n for n, p in model.named_parameters()}
+    moments = {kind: {names[pid]: state[i][kind] for pid, i in position.items() if kind in state.get(i, {})}
+               for kind in ("exp_avg", "exp_avg_sq")}
+    load_full_state(model, optimizer, params=None, exp_avg=moments["exp_avg"],
+                    exp_avg_sq=moments["exp_avg_sq"], step=steps.pop() if steps else 0.0)
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) == len(optimizer.param_groups):
         for group, saved in zip(optimizer.param_groups, saved_groups):

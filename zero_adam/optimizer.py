@@ -7,7 +7,6 @@ It only orchestrates: ``plan`` decides where every element lives, ``flat`` holds
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -18,17 +17,16 @@ import torch
 from . import dtensor, kernel, validate
 from .comm import Comm
 from .flat import BufferPool, FlatBucket
+from .gradnorm import GradientPolicy
 from .hooks import GradSync
 from .options import ShardingOptions
 from .plan import Plan, build_plan, trainable_specs
 from .prefetch import GatherPrefetch
-from .scaler import decide, make_scaler
+from .scaler import make_scaler
 from .state import ShardedState
 
-log = logging.getLogger("zero_adam")
 
-
-class ZeroAdamW(ShardedState, torch.optim.Optimizer):
+class ZeroAdamW(GradientPolicy, ShardedState, torch.optim.Optimizer):
     """AdamW whose FP32 master weights, moments (and, at stage 2, gradients) are sharded.
 
     Use it instead of ``torch.optim.AdamW`` *and* instead of DDP: do not wrap the model. After
@@ -145,7 +143,7 @@ class ZeroAdamW(ShardedState, torch.optim.Optimizer):
         for fb in self.buckets:
             fb.check_bound()
         self._sync.finish()
-        if not self._prepare_grads():
+        if not self._prepare_grads(self._clipped):
             return loss
         for gi, group in enumerate(self.param_groups):
             self._update(group, [fb for fb in self.buckets if fb.bucket.group == gi])
@@ -171,55 +169,6 @@ class ZeroAdamW(ShardedState, torch.optim.Optimizer):
 
     def _check_fresh(self, bi: int, si: int) -> None:
         self._prefetch.check_grad(bi, self.plan.params[self.buckets[bi].bucket.slots[si].param].key)
-
-    def _global_sq(self) -> torch.Tensor:
-        """Squared norm of the full averaged gradient: TP-sharded pieces summed over the TP group,
-        TP-replicated ones counted once, then everything summed over the data-parallel group."""
-        sq = kernel.sum_of_squares([fb.grad_shard for fb in self.buckets if not fb.bucket.tp_sharded])
-        sharded = [fb.grad_shard for fb in self.buckets if fb.bucket.tp_sharded]
-        if sharded:
-            tp_sq = kernel.sum_of_squares(sharded)
-            sq = sq + (self._tp.all_reduce_sum(tp_sq) if self._tp is not None else tp_sq)
-        return self.comm.all_reduce_sum(sq)
-
-    def _prepare_grads(self) -> bool:
-        """Global norm, overflow/non-finite policy, unscaling and clipping; False: step skipped."""
-        scaled_norm = math.sqrt(float(self._global_sq()))
-        if not math.isfinite(scaled_norm) and self._scaler is None and self.options.nonfinite == "raise":
-            self._raise_nonfinite()
-        d = decide(scaled_norm, scaler=self._scaler, max_grad_norm=self.options.max_grad_norm)
-        self.last_grad_norm, self.last_step_skipped = d.norm, d.skip
-        if d.skip:
-            self.skipped_steps += 1
-            log.warning("zero_adam: step skipped (%d so far, %d updates done): non-finite gradient "
-                        "(norm %s)%s", self.skipped_steps, int(self.buckets[0].step), d.norm,
-                        f"; loss scale now {self._scaler.scale:g}" if self._scaler else "")
-            self._sync.reset()
-            return False
-        if d.multiplier != 1.0:
-            torch._foreach_mul_([fb.grad_shard for fb in self.buckets], d.multiplier)
-        return True
-
-    def _raise_nonfinite(self) -> None:
-        mine = set()
-        for fb in self.buckets:
-            for pc in self.plan.pieces(fb.bucket, self.comm.rank, self.comm.world_size):
-                n = pc.param_hi - pc.param_lo
-                if not bool(torch.isfinite(fb.grad_shard[pc.shard_lo:pc.shard_lo + n]).all()):
-                    mine.add(self.plan.params[pc.param].key)
-        names = sorted(set().union(*self.comm.gather_objects(mine)))
-        self._sync.reset()
-        raise RuntimeError(f"non-finite gradient at optimizer step {int(self.buckets[0].step) + 1} in "
-                           f"{len(names)} parameter(s): {names[:20]} (nonfinite='raise'; use 'skip' to "
-                           "skip such steps, or check the loss and the learning rate)")
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss`` times the current loss scale (fp16); backward this instead of ``loss``."""
-        return loss if self._scaler is None else loss * self._scaler.scale
-
-    @property
-    def loss_scale(self) -> float:
-        return 1.0 if self._scaler is None else self._scaler.scale
 
     def _update(self, group: dict[str, Any], mine: list[FlatBucket]) -> None:
         """One fused call over the group's plain buckets; the others (remainder master, 16-bit
@@ -254,6 +203,7 @@ class ZeroAdamW(ShardedState, torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discard accumulated gradients. ``step()`` already consumes them; this is for parity."""
         self._sync.reset()
+        self._clipped = None
 
     def memory_report(self, where: str = "device") -> dict[str, int]:
         """Bytes of this rank's tensors held by the optimizer, by role, and their ``total``, on the
