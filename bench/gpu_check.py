@@ -188,7 +188,7 @@ def markdown(r: dict) -> str:
     for key in ("step_time_ws1", "step_time_wsN"):
         if key in r:
             s = r[key]
-            lines.append(f"- Step time, {s['params'] / 1e6:.0f}M-param bf16 Llama, world size "
+            lines.append(f"- Step time, {s['params'] / 1e6:.1f}M-param bf16 Llama, world size "
                          f"{s['world_size']}: DDP + fused AdamW {s['ddp_s'] * 1e3:.1f} ms, ZeroAdamW stage 2 "
                          f"{s['zero_adam_2_s'] * 1e3:.1f} ms ({s['ratio']:.2f}x).")
     return "\n".join(lines)

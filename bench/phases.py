@@ -1,11 +1,13 @@
 """Where a step's time goes: forward, backward and optimizer step, per method, interleaved.
 
-    DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node=2 bench/phases.py [--rounds 10]
+    DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node=2 bench/phases.py [--rounds 10] [--profile]
 
 DDP + fused AdamW, zero-adam stage 2 (overlap_gather on) and DeepSpeed ZeRO-2 train their own
 copy of the benchmark model; every round times one step of each (medians printed). Communication
 overlapped with compute shows up inside forward (zero-adam's all-gather waits) or backward
 (gradient reductions); what is left in "step" is the optimizer and whatever waits it holds.
+``--profile`` then runs two more steps of each under ``torch.profiler`` and prints, per method,
+the operators that take the most self time on rank 0 (where inside the phases the time goes).
 """
 
 from __future__ import annotations
@@ -52,9 +54,37 @@ def build(name: str, rt):
     return engine, engine.backward, engine.step
 
 
+def one_step(fwd, backward, step, x: torch.Tensor) -> tuple[float, float, float]:
+    t0 = time.perf_counter()
+    with torch.profiler.record_function("## forward"):
+        loss = F.cross_entropy(fwd(x).float().flatten(0, 1), x.flatten())
+    t1 = time.perf_counter()
+    with torch.profiler.record_function("## backward"):
+        backward(loss)
+    t2 = time.perf_counter()
+    with torch.profiler.record_function("## step"):
+        step()
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+def profile(runs: dict, x: torch.Tensor, is_main: bool) -> None:
+    """Two steps per method under the torch profiler; rank 0 prints the top operators by self time."""
+    for name, (fwd, backward, step) in runs.items():
+        dist.barrier()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                one_step(fwd, backward, step, x)
+        if is_main:
+            print(f"\n### {name}: top operators by self CPU time (2 steps, rank 0)\n")
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14,
+                                              max_name_column_width=48)
+            print(table)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="also print a torch.profiler operator table")
     a = p.parse_args()
     rt = runtime.init()
     import deepspeed
@@ -66,16 +96,9 @@ def main() -> None:
         x = torch.randint(0, MODEL.vocab_size, (8, 128), generator=g)
         for name, (fwd, backward, step) in runs.items():
             dist.barrier()
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(fwd(x).float().flatten(0, 1), x.flatten())
-            t1 = time.perf_counter()
-            backward(loss)
-            t2 = time.perf_counter()
-            step()
-            t3 = time.perf_counter()
+            f, b, s = one_step(fwd, backward, step, x)
             if r >= 2:
-                phases = (("forward", t1 - t0), ("backward", t2 - t1), ("step", t3 - t2), ("total", t3 - t0))
-                for k, v in phases:
+                for k, v in (("forward", f), ("backward", b), ("step", s), ("total", f + b + s)):
                     times[name][k].append(v)
     if rt.is_main:
         print("| method | forward (ms) | backward (ms) | optimizer step (ms) | total (ms) |")
@@ -83,6 +106,8 @@ def main() -> None:
         for name, ph in times.items():
             print(f"| {name} | " + " | ".join(f"{statistics.median(ph[k]) * 1e3:.0f}"
                                                for k in ("forward", "backward", "step", "total")) + " |")
+    if a.profile:
+        profile(runs, x, rt.is_main)
     runtime.shutdown()
 
 

@@ -87,6 +87,7 @@ def main() -> None:
     summary["kernel"] = json.loads(kernel.stdout)
     summary["setup"] = {"nproc": a.nproc, "device": a.device, "reps": a.reps, "steps": a.steps,
                         "warmup": a.warmup, "minutes": (time.time() - started) / 60,
+                        "date": time.strftime("%Y-%m-%d"),
                         "command": "python bench/run.py " + " ".join(sys.argv[1:])}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,21 +97,29 @@ def main() -> None:
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+def round_ratio(rounds: dict[str, list[float]], a: str, b: str) -> float | None:
+    """Median over interleaved rounds of time(a) / time(b): both ran in the same round, so a slow
+    phase of the shared machine scales both and cancels out of the ratio."""
+    if not rounds.get(a) or not rounds.get(b):
+        return None
+    return statistics.median(t / u for t, u in zip(rounds[a], rounds[b]))
+
+
 def summarize(results: dict[str, dict], rounds: dict[str, list[float]]) -> dict:
-    ddp = rounds.get("ddp", [])
     rows = {}
     for m, r in results.items():
         ts = rounds.get(m) or r["step_times"]
-        ratios = [t / d for t, d in zip(ts, ddp)] if ddp and rounds.get(m) else []
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
         rows[m] = {
             "step_s": statistics.median(ts), "step_s_iqr": [q[0], q[2]], "rounds": len(ts),
-            "ratio_to_ddp": statistics.median(ratios) if ratios else None,
+            "ratio_to_ddp": round_ratio(rounds, m, "ddp"),
             "state_bytes": r["state_bytes"], "peak_rss": r["peak_rss"],
             "comm": {k: v for k, v in r["comm_bytes_per_step"].items() if v},
             "final_loss": r["final_loss"], "params": r["params"], "world_size": r["world_size"],
         }
-    return {"methods": rows}
+    pairs = {"zero-adam-2/ddp": ("zero-adam-2", "ddp"), "deepspeed-2/ddp": ("deepspeed-2", "ddp"),
+             "zero-adam-2/deepspeed-2": ("zero-adam-2", "deepspeed-2")}
+    return {"methods": rows, "ratios": {k: round_ratio(rounds, *ab) for k, ab in pairs.items()}}
 
 
 if __name__ == "__main__":
