@@ -6,11 +6,19 @@ Only rank 0 writes; every number it writes is already agreed across ranks (losse
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from launch.config import LoggingConfig
+
+
+def to_json(row: dict[str, Any]) -> str:
+    """Strict JSON: a skipped step's non-finite grad norm (or a diverged loss) is written as null, since
+    NaN/Infinity are not JSON and break jq, JavaScript and strict parsers reading metrics.jsonl."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)
 
 
 class RunLog:
@@ -30,7 +38,7 @@ class RunLog:
             self.records = [r for r in kept if r["step"] <= resume_at]
         self._file = open(path, "w")
         for r in self.records:
-            self._file.write(json.dumps(r) + "\n")
+            self._file.write(to_json(r) + "\n")
         if cfg.progress:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -48,9 +56,9 @@ class RunLog:
         if not self.main:
             return
         self.records.append(row)
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(to_json(row) + "\n")
         self._file.flush()
-        if self._bar is not None and "loss" in row:
+        if self._bar is not None and row.get("loss") is not None:
             self._bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}",
                                   refresh=False)
 
@@ -75,8 +83,8 @@ class RunLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
+        train = [(r["step"], r["loss"]) for r in self.records if r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in self.records if r.get("val_loss") is not None]
         fig, ax = plt.subplots(figsize=(7, 4))
         if train:
             ax.plot(*zip(*train), label="train loss")

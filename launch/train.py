@@ -174,7 +174,7 @@ def train(cfg: Config, rt: runtime.Runtime, corpus: Corpus) -> dict:
 
 def summarize(run: Run, start: int, stop: int, wall: float) -> dict:
     t = run.cfg.train
-    vals = [r["val_loss"] for r in run.log.history() if "val_loss" in r]
+    vals = [r["val_loss"] for r in run.log.history() if r.get("val_loss") is not None]
     summary = {"steps": stop - start, "seconds": wall,
                "tokens_per_s": t.global_batch * t.seq_len * (stop - start) / max(wall, 1e-9),
                "first_val_loss": vals[0] if vals else None, "last_val_loss": vals[-1] if vals else None,
@@ -188,8 +188,9 @@ def summarize(run: Run, start: int, stop: int, wall: float) -> dict:
                      "(raise train.steps, or start a new run with checkpoint.resume=none and another "
                      "checkpoint.dir and logging.out_dir)")
     drop = f" ({1 - vals[-1] / vals[0]:.0%} lower)" if len(vals) > 1 else ""
+    val = f"validation loss {vals[0]:.3f} -> {vals[-1]:.3f}{drop}" if vals else "no validation loss recorded"
     run.log.info(f"done: steps {start}-{stop} in {wall:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s; "
-                 f"validation loss {vals[0]:.3f} -> {vals[-1]:.3f}{drop}; optimizer-held bytes per rank "
+                 f"{val}; optimizer-held bytes per rank "
                  f"{summary['mem_bytes']['total']:,}; metrics in {run.out_dir / 'metrics.jsonl'}"
                  + (f", plot {plot}" if plot else ""))
     return summary

@@ -34,8 +34,21 @@ def run(out: Path, nproc: int | None, *extra: str) -> list[dict]:
     return metrics(out)
 
 
+def _no_constants(name: str):
+    raise AssertionError(f"metrics.jsonl must be strict JSON, found {name}")
+
+
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """Parsed strictly: NaN/Infinity are not JSON and must never reach the file."""
+    return [json.loads(line, parse_constant=_no_constants)
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_non_finite_numbers_are_written_as_null():
+    from launch.logs import to_json
+    row = json.loads(to_json({"step": 3, "grad_norm": math.nan, "loss": math.inf, "lr": 1e-3}),
+                     parse_constant=_no_constants)
+    assert row == {"step": 3, "grad_norm": None, "loss": None, "lr": 1e-3}
 
 
 @pytest.fixture(scope="module")
