@@ -123,22 +123,37 @@ def test_consolidated_weights_and_adamw_export_continue_like_zero_adam(tmp_path)
     assert worst < 1e-6
 
 
-def test_join_from_adamw(tmp_path):
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_join_from_adamw(tmp_path, amsgrad):
     model = make_model()
-    adamw = torch.optim.AdamW(named_groups(model), lr=1e-2)
+    adamw = torch.optim.AdamW(named_groups(model), lr=1e-2, amsgrad=amsgrad)
     for s in range(3):
         loss_fn(model, *batch(s, 8)).backward()
         adamw.step()
         adamw.zero_grad()
     joined = copy.deepcopy(model)
-    opt = ZeroAdamW(named_groups(joined), lr=1e-2)
+    opt = ZeroAdamW(named_groups(joined), lr=1e-2, amsgrad=amsgrad)
     load_adamw_state_dict(joined, opt, adamw.state_dict())
+    if amsgrad:  # the running maximum is state too: it must arrive, not restart from zero
+        assert all(fb.max_exp_avg_sq.abs().max() > 0 for fb in opt.buckets)
     for s in range(3, 7):
         for m, o in ((model, adamw), (joined, opt)):
             loss_fn(m, *batch(s, 8)).backward()
             o.step()
             o.zero_grad()
     assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), joined.parameters())) < 1e-6
+
+
+def test_join_from_adamw_refuses_an_amsgrad_mismatch():
+    model = make_model()
+    adamw = torch.optim.AdamW(named_groups(model), lr=1e-2, amsgrad=True)
+    loss_fn(model, *batch(0, 8)).backward()
+    adamw.step()
+    opt = ZeroAdamW(named_groups(model), lr=1e-2)
+    before = [fb.exp_avg.clone() for fb in opt.buckets]
+    with pytest.raises(ValueError, match="amsgrad=True but ZeroAdamW was built with amsgrad=False"):
+        load_adamw_state_dict(model, opt, adamw.state_dict())
+    assert all(torch.equal(b, fb.exp_avg) for b, fb in zip(before, opt.buckets)), "nothing may change"
 
 
 def test_consolidate_cli_errors(tmp_path):

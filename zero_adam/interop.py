@@ -19,9 +19,10 @@ from .optimizer import ZeroAdamW
 @torch.no_grad()
 def load_full_state(model: nn.Module, optimizer: ZeroAdamW, *, params: dict[str, torch.Tensor] | None,
                     exp_avg: dict[str, torch.Tensor], exp_avg_sq: dict[str, torch.Tensor],
-                    step: float) -> None:
+                    step: float, max_exp_avg_sq: dict[str, torch.Tensor] | None = None) -> None:
     """Set masters (``params``: full FP32 weights by name; None keeps the current ones), moments
-    (by name; a missing one is zero) and the step; each rank copies only its own pieces."""
+    (by name; a missing one is zero), AMSGrad's running maximum when the optimizer keeps one, and
+    the step; each rank copies only its own pieces."""
     names = {id(p): n for n, p in model.named_parameters()}
     missing = [names.get(id(p), "?") for fb in optimizer.buckets for p in fb.params
                if params is not None and names.get(id(p)) not in params]
@@ -31,6 +32,8 @@ def load_full_state(model: nn.Module, optimizer: ZeroAdamW, *, params: dict[str,
     for fb in optimizer.buckets:
         master = fb.read_master() if params is not None else None
         targets = {"exp_avg": (fb.exp_avg, exp_avg), "exp_avg_sq": (fb.exp_avg_sq, exp_avg_sq)}
+        if fb.max_exp_avg_sq is not None:
+            targets["max_exp_avg_sq"] = (fb.max_exp_avg_sq, max_exp_avg_sq or {})
         for pc in optimizer.plan.pieces(fb.bucket, rank, world):
             name = names[id(fb.params[_slot(fb, pc.param)])]
             n, span = pc.param_hi - pc.param_lo, slice(pc.param_lo, pc.param_hi)
@@ -55,6 +58,7 @@ def load_adamw_state_dict(model: nn.Module, optimizer: ZeroAdamW, state_dict: di
     the same order, as ``optimizer``.
     """
     position = _positions(model, optimizer, state_dict)
+    _check_amsgrad(optimizer, state_dict["param_groups"])
     state = state_dict["state"]
     steps = {float(state[i]["step"]) for i in position.values() if i in state}
     if len(steps) > 1:
@@ -63,15 +67,26 @@ def load_adamw_state_dict(model: nn.Module, optimizer: ZeroAdamW, state_dict: di
                          "every parameter was updated at every step")
     names = {id(p): n for n, p in model.named_parameters()}
     moments = {kind: {names[pid]: state[i][kind] for pid, i in position.items() if kind in state.get(i, {})}
-               for kind in ("exp_avg", "exp_avg_sq")}
+               for kind in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
     load_full_state(model, optimizer, params=None, exp_avg=moments["exp_avg"],
-                    exp_avg_sq=moments["exp_avg_sq"], step=steps.pop() if steps else 0.0)
+                    exp_avg_sq=moments["exp_avg_sq"], max_exp_avg_sq=moments["max_exp_avg_sq"],
+                    step=steps.pop() if steps else 0.0)
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) == len(optimizer.param_groups):
         for group, saved in zip(optimizer.param_groups, saved_groups):
             for k in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "initial_lr"):
                 if k in saved:
                     group[k] = tuple(saved[k]) if k == "betas" else saved[k]
+
+
+def _check_amsgrad(optimizer: ZeroAdamW, saved_groups: list[dict[str, Any]]) -> None:
+    """AMSGrad's running maximum is state: joining with it on and off would drop it or leave the
+    optimizer without the buffer it needs, so the two must agree before anything is copied."""
+    theirs = any(g.get("amsgrad", False) for g in saved_groups)
+    ours = any(fb.max_exp_avg_sq is not None for fb in optimizer.buckets)
+    if theirs != ours:
+        raise ValueError(f"the AdamW state dict was made with amsgrad={theirs} but ZeroAdamW was built with "
+                         f"amsgrad={ours}; build ZeroAdamW with amsgrad={theirs} to keep its state")
 
 
 def _slot(fb, param_index: int) -> int:
