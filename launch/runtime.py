@@ -8,6 +8,7 @@ ZeroAdamW then takes its one-rank path, the same code.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,17 @@ def all_mean(values: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return values
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Tear the process group down on every rank together, after everything that used it is gone.
+
+    The model, optimizer and hooks form reference cycles that would otherwise be freed at
+    interpreter exit, after the group (torch 2.13 + gloo then aborted a rank now and then with
+    "terminate called without an active exception"); and a rank that left early closed connections
+    its peers were still tearing down. After a failure (``clean=False``) a peer may be dead or hung,
+    so there is no barrier then.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("zero_adam").setLevel(logging.ERROR)  # skipped steps are reported by the run log
-    rt = None
+    rt, clean = None, False
     try:
         cfg = load_config(args.config, args.overrides)
         if args.check:
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         check_world(cfg, rt.world_size)
         corpus = load_corpus(cfg.data, cfg.train.seq_len, cfg.model.vocab_size)
         train(cfg, rt, corpus)
+        clean = True
         return 0
     except (ConfigError, DataError) as e:
         if rt is None or rt.is_main:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: rank {rt.rank if rt else '?'}: {e}", file=sys.stderr)
         return 3
     finally:
-        runtime.shutdown()
+        runtime.shutdown(clean)
 
 
 @dataclass

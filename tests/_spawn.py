@@ -63,4 +63,6 @@ def _entry(rank: int, world_size: int, tmp: str, target: str, args: tuple, env: 
         with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
+        import gc
+        gc.collect()  # free optimizer/hook cycles while the group is alive (see launch/runtime.shutdown)
         dist.destroy_process_group()

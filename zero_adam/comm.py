@@ -48,6 +48,7 @@ class Pending:
                 self._work.wait()
             except RuntimeError as e:
                 raise (self._fail(e) if self._fail else e) from e
+            self._work = None  # do not keep the backend's work object alive past its use
         if self._finish is not None:
             self._finish()
         self.done = True
