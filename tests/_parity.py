@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from zero_adam import ZeroAdamW
 from zero_adam.kernel import round_to_bf16
+from zero_adam.memory import estimate, plan_params
 
 from _models import batch, loss_fn, make_model, named_groups, warmup_decay
 
@@ -100,7 +101,18 @@ def run_parity(case: dict, group=None) -> dict:
     out["full_grads_after_step"] = sum(fb.full_grad is not None for fb in opt.buckets)
     out["buckets"] = len(opt.buckets)
     out["grads_none"] = all(p.grad is None for p in model.parameters())
+    out["bytes"] = _bytes_vs_plan(opt, case, ws, bf16)
     return out
+
+
+def _bytes_vs_plan(opt: ZeroAdamW, case: dict, ws: int, bf16: bool) -> dict:
+    """This rank's optimizer tensors (measured) next to the planner's per-rank figures."""
+    plan = plan_params(named_groups(make_model().to("meta")), bucket_mb=0.004,
+                       param_dtype=torch.bfloat16 if bf16 else None)
+    e = estimate(plan, ws, stage=case["stage"]).device
+    got = opt.memory_report()
+    return {f: [got[f], getattr(e, f)] for f in ("params", "grads", "master", "exp_avg", "exp_avg_sq",
+                                                 "buffers")}
 
 
 def _bf16_reference_grads(ref_lowp, masters, x, y, ws, accum) -> None:

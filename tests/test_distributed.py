@@ -45,6 +45,10 @@ def test_parity_with_adamw(parity, case, ws):
         assert r["state_numel_ok"], r
         assert max(abs(d) for d in r["lr"]) == 0.0, "LR scheduler not honoured"
         assert r["grads_none"], "param.grad must be freed after the gradient moves into buckets"
+        measured_vs_plan = r["bytes"]
+        assert all(got == planned for f, (got, planned) in measured_vs_plan.items() if f != "buffers"), \
+            f"optimizer tensor bytes per rank must equal the planner's: {measured_vs_plan}"
+        assert measured_vs_plan["buffers"][0] <= measured_vs_plan["buffers"][1], measured_vs_plan
         if bf16:
             assert r["cast_exact"], "bf16 params must equal the cast of the FP32 master"
         if case["stage"] == 2:
