@@ -31,13 +31,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from launch import runtime  # noqa: E402
+from launch.model import Llama  # noqa: E402
+from zero_adam import ZeroAdamW  # noqa: E402
+from zero_adam.memory import FIELDS, estimate, plan_params  # noqa: E402
+
+from worker import MODEL  # noqa: E402
+
 OPTIONS = {
     "stage1": dict(stage=1),
     "stage2": dict(stage=2),
     "stage2-bf16": dict(stage=2, param_dtype="bfloat16"),
     "stage2-bf16-remainder": dict(stage=2, param_dtype="bfloat16", master="remainder"),
 }
-FIELDS = ("params", "grads", "master", "exp_avg", "exp_avg_sq", "buffers")
 MIB = 2 ** 20
 
 
@@ -47,18 +57,8 @@ def rss() -> int:
 
 
 def worker(option: str, out: str) -> None:
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    from launch.model import Llama
-    from zero_adam import ZeroAdamW
-    from zero_adam.memory import estimate, plan_params
-
-    from worker import MODEL
-
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    runtime.init()
     kw = dict(OPTIONS[option])
     dtype = getattr(torch, kw.pop("param_dtype")) if "param_dtype" in kw else None
     torch.manual_seed(0)
@@ -69,7 +69,7 @@ def worker(option: str, out: str) -> None:
     replica = copy.deepcopy(model).to(dtype or torch.float32)
     F.cross_entropy(replica(x).float().flatten(0, 1), x.flatten()).backward()
     del replica
-    warm_up(ZeroAdamW, torch)  # one-time code loading is not the optimizer's memory
+    warm_up()  # one-time code loading is not the optimizer's memory
     before = rss()
     opt = ZeroAdamW(model.parameters(), lr=1e-3, param_dtype=dtype, **kw)
     for _ in range(3):
@@ -89,12 +89,10 @@ def worker(option: str, out: str) -> None:
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(rows))
     del opt, model
-    gc.collect()  # free the optimizer's cycles while the group is alive (see launch/runtime.shutdown)
-    dist.barrier()
-    dist.destroy_process_group()
+    runtime.shutdown()
 
 
-def warm_up(ZeroAdamW, torch) -> None:
+def warm_up() -> None:
     """A tiny ZeroAdamW and one step: the lazily imported modules (DTensor, ...) and the allocator's
     first arenas would otherwise count as growth (about 28 MiB here)."""
     layer = torch.nn.Linear(4, 4)

@@ -62,38 +62,36 @@ def zero_adam(model, stage: int, **kw) -> Method:
     return Method(step, state_bytes)
 
 
-def ddp(model, device) -> Method:
+def _ddp_wrap(model, device):
+    """DDP with its all-reduce counted (a comm hook equal to the default)."""
     ids = [device.index] if device.type == "cuda" else None
     wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     wrapped.register_comm_hook(None, comm_count.ddp_hook)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD, fused=True)
+    return wrapped
 
+
+def _clipped_step(forward, model, opt) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The plain torch loop every non-zero-adam baseline shares: backward, clip, step, zero."""
     def step(x, y):
-        loss = _loss(wrapped, x, y)
+        loss = _loss(forward, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
-    return Method(step, lambda: _torch_state_bytes(opt))
+    return step
+
+
+def ddp(model, device) -> Method:
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD, fused=True)
+    return Method(_clipped_step(_ddp_wrap(model, device), model, opt), lambda: _torch_state_bytes(opt))
 
 
 def torch_zero(model, device) -> Method:
     from torch.distributed.optim import ZeroRedundancyOptimizer
-    ids = [device.index] if device.type == "cuda" else None
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    wrapped.register_comm_hook(None, comm_count.ddp_hook)
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=LR,
                                   betas=BETAS, weight_decay=WD, fused=True)
-
-    def step(x, y):
-        loss = _loss(wrapped, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-    return Method(step, lambda: _torch_state_bytes(opt.optim))
+    return Method(_clipped_step(_ddp_wrap(model, device), model, opt), lambda: _torch_state_bytes(opt.optim))
 
 
 def deepspeed_zero(model, stage: int, micro_batch: int) -> Method:
@@ -130,15 +128,7 @@ def fsdp2(model) -> Method:
     fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD,
                             foreach=True)
-
-    def step(x, y):
-        loss = _loss(model, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-    return Method(step, lambda: _torch_state_bytes(opt))
+    return Method(_clipped_step(model, model, opt), lambda: _torch_state_bytes(opt))
 
 
 def build(name: str, model, device, micro_batch: int) -> Method:

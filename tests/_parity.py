@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from zero_adam import ZeroAdamW
 from zero_adam.kernel import round_to_bf16
-from zero_adam.memory import estimate, plan_params
+from zero_adam.memory import FIELDS, estimate, plan_params
 
 from _models import batch, loss_fn, make_model, named_groups, warmup_decay
 
@@ -111,8 +111,7 @@ def _bytes_vs_plan(opt: ZeroAdamW, case: dict, ws: int, bf16: bool) -> dict:
                        param_dtype=torch.bfloat16 if bf16 else None)
     e = estimate(plan, ws, stage=case["stage"]).device
     got = opt.memory_report()
-    return {f: [got[f], getattr(e, f)] for f in ("params", "grads", "master", "exp_avg", "exp_avg_sq",
-                                                 "buffers")}
+    return {f: [got[f], getattr(e, f)] for f in FIELDS}
 
 
 def _bf16_reference_grads(ref_lowp, masters, x, y, ws, accum) -> None:
