@@ -37,7 +37,7 @@ def build(mode: str, accelerator, a: argparse.Namespace):
     if mode == "zero":
         from zero_adam import ZeroAdamW
         from zero_adam.integrations.accelerate import prepare
-        opt = ZeroAdamW(groups, lr=a.lr, betas=(0.9, 0.95))
+        opt = ZeroAdamW(groups, lr=a.lr, betas=(0.9, 0.95), stage=a.stage)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
         model, opt, sched = prepare(accelerator, model, opt, sched)
     else:
@@ -50,6 +50,7 @@ def build(mode: str, accelerator, a: argparse.Namespace):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["zero", "ddp"], default="zero")
+    p.add_argument("--stage", type=int, choices=[1, 2], default=2, help="ZeroAdamW stage (--mode zero)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--accum", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=4)

@@ -17,9 +17,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 
-def example(tmp: Path, *args: str) -> dict:
+def example(tmp: Path, *args: str, nproc: int = 2) -> dict:
     out = tmp / f"losses-{len(list(tmp.glob('losses-*')))}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(ROOT / "launch/hf_example.py"), "--out", str(out), "--state-dir", str(tmp / "state"), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -41,6 +41,18 @@ def test_accelerate_zero_adam_matches_ddp_adamw(runs):
     assert len(z) == len(d) == 24
     assert max(abs(a - b) for a, b in zip(z, d)) < 1e-4, list(zip(z, d))
     assert z[-1] < z[0]
+
+
+def test_accelerate_accumulation_both_stages_on_one_and_two_processes(tmp_path, runs):
+    """Accelerate enters no_sync only when distributed: on one process every micro-step's backward
+    reaches the optimizer outside it. Both stages must still accumulate exactly like AdamW (two
+    processes, stage 2: the `runs` fixture; the schedule makes 4 steps a prefix of 12)."""
+    one = example(tmp_path, "--mode", "ddp", "--steps", "4", nproc=1)["losses"]
+    cases = [(1, "1", one), (1, "2", one), (2, "1", runs["ddp"]["losses"][:8])]
+    for nproc, stage, ref in cases:
+        got = example(tmp_path, "--mode", "zero", "--stage", stage, "--steps", "4", nproc=nproc)["losses"]
+        assert len(got) == len(ref) == 8
+        assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4, (nproc, stage, list(zip(got, ref)))
 
 
 def test_accelerate_save_and_load_state_round_trip(runs):

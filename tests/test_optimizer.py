@@ -146,20 +146,24 @@ def test_parameter_problems():
 
 def test_sparse_gradient_is_refused():
     emb = nn.Embedding(10, 4, sparse=True)
-    ZeroAdamW(emb.parameters())
+    opt = ZeroAdamW(emb.parameters())  # noqa: F841 (the hooks live as long as the optimizer)
     with pytest.raises(ValueError, match="sparse"):
         emb(torch.tensor([1, 2])).sum().backward()
 
 
-def test_step_inside_no_sync_and_late_param_groups_are_refused():
+def test_step_inside_no_sync_and_param_groups_between_backward_and_step_are_refused():
     model = make_model()
     opt = ZeroAdamW(model.parameters())
     with opt.no_sync():
         loss_fn(model, *batch(0, 4)).backward()
         with pytest.raises(RuntimeError, match="inside opt.no_sync"):
             opt.step()
-    with pytest.raises(RuntimeError, match="after construction"):
+    with pytest.raises(RuntimeError, match="between backward and step"):
         opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+    opt.step()
+    extra = nn.Parameter(torch.ones(2))
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.5
 
 
 def test_moving_the_model_after_construction_is_detected():

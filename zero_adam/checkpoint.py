@@ -22,6 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from . import update
 from .ckpt_format import (
     FORMAT,
     CheckpointError,
@@ -99,8 +100,9 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: ZeroAdamW) -> Any
             dst.copy_(request[key][lo:hi])
         for name, t in full.items():
             t.copy_(request[f"full/{name}"])
+        step, per_param = float(request["optim/step"]), meta.get("param_steps", {})
         for fb, m in zip(optimizer.buckets, masters):
-            fb.step.copy_(request["optim/step"])
+            update.set_param_steps(fb, [per_param.get(names[s.param], step) for s in fb.bucket.slots])
             fb.write_master(m)
     _restore_groups(meta, optimizer, names)
     optimizer.load_scaler_state(meta.get("scaler"))
@@ -177,6 +179,10 @@ def _meta(model: nn.Module, optimizer: ZeroAdamW, names: list[str], tree: Any,
     return {
         "format": FORMAT, "world_size": optimizer.comm.world_size, "stage": optimizer.options.stage,
         "step": float(optimizer.buckets[0].step),
+        # parameters whose AdamW step differs (frozen for a while, or added by add_param_group)
+        "param_steps": {names[s.param]: st for fb in optimizer.buckets
+                        for s, st in zip(fb.bucket.slots, update.param_steps(fb))
+                        if st != float(optimizer.buckets[0].step)},
         "params": {names[i]: {"shape": list(s.shape), "dtype": dtype_name(s.dtype)}
                    for i, s in enumerate(specs)},
         "full": {n: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for n, t in full.items()},

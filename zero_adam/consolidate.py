@@ -75,8 +75,9 @@ class Checkpoint:
             dcp.load({f"full/{name}": out}, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
         return out
 
-    def step(self) -> float:
-        return float(self.meta["step"])
+    def step(self, name: str | None = None) -> float:
+        """The AdamW step count (of parameter ``name``, which may differ: ``param_steps``)."""
+        return float(self.meta.get("param_steps", {}).get(name, self.meta["step"]))
 
 
 def export_weights(ckpt: Checkpoint, out: Path, dtype: torch.dtype | None = None) -> int:
@@ -119,7 +120,7 @@ def export_adamw(ckpt: Checkpoint, out: Path) -> int:
     def produce(path: tuple[Any, ...]) -> torch.Tensor:
         i, kind = path
         if kind == "step":
-            return torch.tensor(ckpt.step(), dtype=torch.float32)
+            return torch.tensor(ckpt.step(where[path]), dtype=torch.float32)
         return ckpt.tensor(kind, where[path]).float()
 
     write_torch(out, {"state": state, "param_groups": groups}, order, produce)

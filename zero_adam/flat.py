@@ -24,6 +24,12 @@ def master_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if param_dtype in LOW_PRECISION else param_dtype
 
 
+def bucket_reduce_dtype(param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> torch.dtype:
+    """float64 parameters are reduced (and accumulated) in float64: a narrower reduction would throw
+    away the precision that training in float64 asks for."""
+    return torch.float64 if param_dtype == torch.float64 else reduce_dtype
+
+
 class BufferPool:
     """Reuses bucket-sized gradient buffers (stage 2) instead of returning them to the allocator:
     a fresh multi-MB allocation costs a page fault per 4 KiB on first touch, every step."""
@@ -53,7 +59,9 @@ class FlatBucket:
     ) -> None:
         self.bucket = bucket
         self.params = list(params)
+        self.keys = [plan.params[s.param].key for s in bucket.slots]
         self.lo, self.hi = plan.shard_range(bucket, rank, world_size)
+        reduce_dtype = bucket_reduce_dtype(bucket.dtype, reduce_dtype)
         padded = plan.padded_numel(bucket, world_size)
         shard = self.hi - self.lo
         mdtype = master_dtype(bucket.dtype)
@@ -72,6 +80,7 @@ class FlatBucket:
         self.exp_avg, self.exp_avg_sq = state(), state()
         self.max_exp_avg_sq = state() if amsgrad else None
         self.step = torch.zeros((), dtype=torch.float32, device=self.state_device)
+        self.lag = [0] * len(bucket.slots)  # updates each slot sat out while frozen (zero_adam.update)
         self._padded, self._reduce_dtype, self._device = padded, reduce_dtype, device
         self._keep_full = keep_full_grad
         self._pool = pool or BufferPool()
@@ -79,7 +88,8 @@ class FlatBucket:
         if keep_full_grad:
             self.full_grad = torch.zeros(padded, dtype=reduce_dtype, device=device)
         gdtype = grad_dtype or mdtype
-        self._aliased = self.full_grad is not None and reduce_dtype == gdtype
+        self._can_alias = self.full_grad is not None and reduce_dtype == gdtype
+        self._aliased = self._can_alias
         if self._aliased:
             self.grad_shard = self.full_grad[self.lo:self.hi]
         else:
@@ -146,6 +156,19 @@ class FlatBucket:
     def grad_shard_aliases_full(self) -> bool:
         """Stage 1 with an FP32 buffer: the reduced shard lives inside the full gradient buffer."""
         return self._aliased
+
+    def split_alias(self) -> None:
+        """Stage 1, a second window in one step (several backward passes without ``no_sync``):
+        move the reduced shard out of the gradient buffer, which is about to take new gradients.
+        Costs one shard-sized tensor until ``restore_alias`` at the end of the step."""
+        if self._aliased:
+            self.grad_shard = self.grad_shard.clone()
+            self._aliased = False
+
+    def restore_alias(self) -> None:
+        if self._can_alias and not self._aliased:
+            self.grad_shard = self.full_grad[self.lo:self.hi]
+            self._aliased = True
 
     def full_grad_buffer(self) -> torch.Tensor:
         """The bucket-shaped gradient buffer, allocated on first use (stage 2)."""

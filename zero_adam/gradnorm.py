@@ -18,17 +18,38 @@ log = logging.getLogger("zero_adam")
 class GradientPolicy:
     """Uses ``ZeroAdamW``'s ``buckets``, ``comm``, ``_tp``, ``_scaler``, ``_sync``, ``options``, ``plan``."""
 
-    _clipped: float | None = None
+    _clipped: tuple[float, int] | None = None
 
-    def _global_sq(self) -> torch.Tensor:
-        """Squared norm of the full averaged gradient: TP-sharded pieces summed over the TP group,
-        TP-replicated ones counted once, then everything summed over the data-parallel group."""
+    def _local_sq(self) -> torch.Tensor:
+        """This rank's share of the squared norm of the full averaged gradient: TP-sharded pieces
+        summed over the TP group, TP-replicated ones counted once."""
         sq = kernel.sum_of_squares([fb.grad_shard for fb in self.buckets if not fb.bucket.tp_sharded])
         sharded = [fb.grad_shard for fb in self.buckets if fb.bucket.tp_sharded]
         if sharded:
             tp_sq = kernel.sum_of_squares(sharded)
             sq = sq + (self._tp.all_reduce_sum(tp_sq) if self._tp is not None else tp_sq)
-        return self.comm.all_reduce_sum(sq)
+        return sq
+
+    def _grad_stats(self) -> tuple[float, int]:
+        """(global gradient norm, buckets that got any gradient on any rank), with one all-reduce
+        of a small vector that also carries what every rank must agree on before an update:
+        gradient windows still open (reduced now, then counted again) and parameters unfrozen
+        outside the optimizer (an error on every rank)."""
+        while True:
+            sq = self._local_sq()
+            late = self._sync.late_mask()
+            bad = self._unfrozen_outside()
+            info = torch.tensor([len(self._sync.touched), len(bad), *late], dtype=torch.float64)
+            vec = self.comm.all_reduce_sum(torch.cat([sq.double().reshape(1), info.to(sq.device)]))
+            stats = vec.tolist()
+            if any(stats[3:]):
+                self._sync.flush(stats[3:])
+                continue
+            if stats[2]:
+                names = sorted(set().union(*self.comm.gather_objects(set(bad))))
+                self._sync.reset()
+                raise self.unfrozen_error(names)
+            return math.sqrt(stats[0]), int(stats[1])
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -40,19 +61,21 @@ class GradientPolicy:
         if self._sync.in_no_sync:
             raise RuntimeError("clip_grad_norm_ inside no_sync(): clip after the last micro-step")
         self._sync.finish()
-        scaled = math.sqrt(float(self._global_sq()))
+        scaled, touched = self._grad_stats()
         norm = scaled / self.loss_scale
         if math.isfinite(norm):
             coef = min(max_norm / (norm + 1e-6), 1.0)
             if coef < 1.0:
                 torch._foreach_mul_([fb.grad_shard for fb in self.buckets], coef)
-        self._clipped = scaled
+        self._clipped = (scaled, touched)
         return torch.tensor(norm)
 
-    def _prepare_grads(self, clipped: float | None = None) -> bool:
-        """Global norm, overflow/non-finite policy, unscaling and clipping; False: step skipped."""
+    def _prepare_grads(self, clipped: tuple[float, int] | None = None) -> bool:
+        """Global norm, overflow/non-finite policy, unscaling and clipping; False: no update."""
         self._clipped = None
-        scaled_norm = math.sqrt(float(self._global_sq())) if clipped is None else clipped
+        scaled_norm, touched = self._grad_stats() if clipped is None else clipped
+        if touched == 0:
+            return self._nothing_to_do()
         if not math.isfinite(scaled_norm) and self._scaler is None and self.options.nonfinite == "raise":
             self._raise_nonfinite()
         d = decide(scaled_norm, scaler=self._scaler,
@@ -68,6 +91,16 @@ class GradientPolicy:
         if d.multiplier != 1.0:
             torch._foreach_mul_([fb.grad_shard for fb in self.buckets], d.multiplier)
         return True
+
+    def _nothing_to_do(self) -> bool:
+        """No rank got any gradient since the last step: like torch.optim.AdamW, change nothing."""
+        if not self._warned_no_grad:
+            self._warned_no_grad = True
+            log.warning("zero_adam: step() with no gradient since the last step on any rank: "
+                        "nothing was updated (no weight decay, no momentum), as torch.optim.AdamW does")
+        self.last_grad_norm, self.last_step_skipped = 0.0, True
+        self._sync.reset()
+        return False
 
     def _raise_nonfinite(self) -> None:
         mine = set()

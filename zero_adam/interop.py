@@ -13,16 +13,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import update
 from .optimizer import ZeroAdamW
 
 
 @torch.no_grad()
 def load_full_state(model: nn.Module, optimizer: ZeroAdamW, *, params: dict[str, torch.Tensor] | None,
                     exp_avg: dict[str, torch.Tensor], exp_avg_sq: dict[str, torch.Tensor],
-                    step: float, max_exp_avg_sq: dict[str, torch.Tensor] | None = None) -> None:
+                    step: float | dict[str, float],
+                    max_exp_avg_sq: dict[str, torch.Tensor] | None = None) -> None:
     """Set masters (``params``: full FP32 weights by name; None keeps the current ones), moments
     (by name; a missing one is zero), AMSGrad's running maximum when the optimizer keeps one, and
-    the step; each rank copies only its own pieces."""
+    the step (one number, or one per parameter name); each rank copies only its own pieces."""
     names = {id(p): n for n, p in model.named_parameters()}
     missing = [names.get(id(p), "?") for fb in optimizer.buckets for p in fb.params
                if params is not None and names.get(id(p)) not in params]
@@ -44,7 +46,9 @@ def load_full_state(model: nn.Module, optimizer: ZeroAdamW, *, params: dict[str,
                 master[pc.shard_lo:pc.shard_lo + n].copy_(params[name].reshape(-1)[span])
         if master is not None:
             fb.write_master(master)
-        fb.step.fill_(step)
+        slot_names = [names[id(p)] for p in fb.params]
+        update.set_param_steps(fb, [float(step.get(n, 0.0)) if isinstance(step, dict) else float(step)
+                                    for n in slot_names])
     optimizer.reload_params()
 
 
@@ -60,17 +64,13 @@ def load_adamw_state_dict(model: nn.Module, optimizer: ZeroAdamW, state_dict: di
     position = _positions(model, optimizer, state_dict)
     _check_amsgrad(optimizer, state_dict["param_groups"])
     state = state_dict["state"]
-    steps = {float(state[i]["step"]) for i in position.values() if i in state}
-    if len(steps) > 1:
-        raise ValueError(f"the AdamW state has different step counts per parameter ({sorted(steps)[:4]}"
-                         "...); ZeroAdamW keeps one step count: it can only join from a state where "
-                         "every parameter was updated at every step")
     names = {id(p): n for n, p in model.named_parameters()}
+    steps = {names[pid]: float(state[i]["step"]) if i in state else 0.0 for pid, i in position.items()}
     moments = {kind: {names[pid]: state[i][kind] for pid, i in position.items() if kind in state.get(i, {})}
                for kind in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
     load_full_state(model, optimizer, params=None, exp_avg=moments["exp_avg"],
                     exp_avg_sq=moments["exp_avg_sq"], max_exp_avg_sq=moments["max_exp_avg_sq"],
-                    step=steps.pop() if steps else 0.0)
+                    step=steps)
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) == len(optimizer.param_groups):
         for group, saved in zip(optimizer.param_groups, saved_groups):

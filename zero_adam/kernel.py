@@ -38,18 +38,20 @@ def adamw_(
 
 
 def sum_of_squares(tensors: Tensors) -> torch.Tensor:
-    """Sum of squared elements of all ``tensors`` as one float32 scalar (on their device).
+    """Sum of squared elements of all ``tensors`` as one float32 scalar (float64 when any shard is
+    float64), on their device.
 
     Each rank contributes the squares of its own shard; one all-reduce of this scalar then gives
     the squared norm of the full averaged gradient (padding is zero and adds nothing).
     """
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    if all(t.dtype == torch.float32 for t in tensors):
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if all(t.dtype == wide for t in tensors):
         norms = torch._foreach_norm(list(tensors), 2)
-    else:  # accumulate 16-bit shards in FP32
-        norms = [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in tensors]
-    return torch.stack([n.float() for n in norms]).square().sum()
+    else:  # accumulate 16-bit shards in FP32 (FP64 when any shard is FP64)
+        norms = [torch.linalg.vector_norm(t, 2, dtype=wide) for t in tensors]
+    return torch.stack([n.to(wide) for n in norms]).square().sum()
 
 
 def split_bf16(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

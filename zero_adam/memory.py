@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .flat import master_dtype
+from .flat import bucket_reduce_dtype, master_dtype
 from .plan import Plan
 
 FIELDS = ("params", "grads", "master", "exp_avg", "exp_avg_sq", "buffers")
@@ -78,6 +78,7 @@ def estimate(plan: Plan, world_size: int, *, stage: int = 2, reduce_dtype: torch
         padded, shard = plan.padded_numel(b, world_size), plan.shard_numel(b, world_size)
         mdtype = master_dtype(b.dtype)
         gdtype = grad_dtype or mdtype
+        rdtype = bucket_reduce_dtype(b.dtype, reduce_dtype)
         dev["params"] += padded * _size(b.dtype)
         if mdtype != b.dtype:
             state["master"] += shard * (2 if master == "remainder" else _size(mdtype))
@@ -89,12 +90,12 @@ def estimate(plan: Plan, world_size: int, *, stage: int = 2, reduce_dtype: torch
         state["exp_avg"] += shard * mom
         state["exp_avg_sq"] += shard * mom * (2 if amsgrad else 1)
         if stage == 1:
-            dev["grads"] += padded * _size(reduce_dtype)
-            if gdtype != reduce_dtype:
+            dev["grads"] += padded * _size(rdtype)
+            if gdtype != rdtype:
                 dev["grads"] += shard * _size(gdtype)
         else:
             dev["grads"] += shard * _size(gdtype)
-            full_sizes.setdefault((b.group, b.dtype), []).append(padded * _size(reduce_dtype))
+            full_sizes.setdefault((b.group, b.dtype), []).append(padded * _size(rdtype))
         if (gdtype != mdtype and offload is None) or (master == "remainder" and mdtype != b.dtype):
             max_shard_cast = max(max_shard_cast, shard * _size(mdtype))  # an FP32 temporary
     if stage == 2:

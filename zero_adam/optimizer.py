@@ -7,33 +7,38 @@ It only orchestrates: ``plan`` decides where every element lives, ``flat`` holds
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
-from . import dtensor, kernel, validate
+from . import dtensor, kernel, lifetime, models, update, validate
 from .comm import Comm
 from .flat import BufferPool, FlatBucket
 from .gradnorm import GradientPolicy
-from .hooks import GradSync
+from .groups import GroupGrowth
+from .hooks import GradSync, remove_hooks
 from .options import ShardingOptions
 from .plan import Plan, build_plan, trainable_specs
 from .prefetch import GatherPrefetch
 from .scaler import make_scaler
 from .state import ShardedState
 
+log = logging.getLogger("zero_adam")
 
-class ZeroAdamW(GradientPolicy, ShardedState, torch.optim.Optimizer):
+
+class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer):
     """AdamW whose FP32 master weights, moments (and, at stage 2, gradients) are sharded.
 
     Use it instead of ``torch.optim.AdamW`` *and* instead of DDP: do not wrap the model. After
     ``step()`` every rank holds the parameters ``torch.optim.AdamW`` would compute from the
     gradient averaged over the group. Gradients live in the optimizer's buffers, so ``param.grad``
     is ``None`` after backward. A trainable parameter that gets no gradient in a step is treated
-    as having a zero gradient (as with DDP); plain AdamW would skip it instead.
+    as having a zero gradient (as with DDP); plain AdamW would skip it instead. ``close()`` (or
+    garbage collection) removes the gradient hooks; a parameter belongs to one live ZeroAdamW.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class ZeroAdamW(GradientPolicy, ShardedState, torch.optim.Optimizer):
         fused: bool | None = None, capturable: bool = False, differentiable: bool = False,
     ) -> None:
         del foreach, fused  # accepted for drop-in compatibility: the fused kernel is always used
+        self.closed = False
         validate.check_unsupported(capturable=capturable, differentiable=differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
@@ -75,28 +81,27 @@ class ZeroAdamW(GradientPolicy, ShardedState, torch.optim.Optimizer):
                              "keep a 4-byte FP32 master (master='fp32')")
         self.plan: Plan = build_plan(specs, bucket_numel=self.options.bucket_numel)
         validate.check_ranks_agree(self.comm, self._consistency_lines(), device)
-        if self.options.sync_params:
-            self._broadcast_initial(tensors)
+        lifetime.claim(tensors, [s.key for s in specs], self)
+        self._excluded = self._frozen_in_groups()
+        self._prepare_model(tensors, [p for _, p in self._excluded])
         self._pool = BufferPool()
-        with torch.no_grad():
-            self.buckets = [
-                FlatBucket(self.plan, b, [tensors[s.param] for s in b.slots], rank=self.comm.rank,
-                           world_size=self.comm.world_size, device=device,
-                           reduce_dtype=self.options.reduce_dtype,
-                           keep_full_grad=self.options.stage == 1, pool=self._pool,
-                           grad_dtype=self.options.grad_dtype, master=self.options.master,
-                           offload=self.options.offload,
-                           amsgrad=any(g["amsgrad"] for g in self.param_groups))
-                for b in self.plan.buckets]
+        self._device = device
+        self.buckets: list[FlatBucket] = self._make_buckets(self.plan.buckets, tensors)
         self._prefetch = GatherPrefetch(self.buckets, self.comm) if overlap_gather else None
         self._sync = GradSync(
             self.buckets, self.comm, accumulate=self.options.accumulate,
             release_full=self.options.stage == 2,
             max_inflight=self.options.max_inflight if self.options.stage == 2 else None,
-            on_grad=self._check_fresh if overlap_gather else None)
+            on_grad=_fresh_check(self._prefetch, self.buckets) if overlap_gather else None)
+        self._owned = [id(p) for p in tensors]
+        self._finalizer = lifetime.on_collect(
+            self, lambda handles=self._sync.handles: remove_hooks(handles),
+            *([self._prefetch.close] if self._prefetch else []),
+            lambda owned=self._owned: lifetime.release(owned))
         self.last_grad_norm: float = math.nan
         self.last_step_skipped = False
         self.skipped_steps = 0
+        self._warned_no_grad = False
 
     # -- construction helpers ------------------------------------------------------------------
     def _consistency_lines(self) -> list[str]:
@@ -109,27 +114,52 @@ class ZeroAdamW(GradientPolicy, ShardedState, torch.optim.Optimizer):
             lines.append(f"param group {gi}: {hp}")
         return lines + self.plan.describe()
 
-    def _broadcast_initial(self, tensors: list[torch.Tensor]) -> None:
-        """Start from rank 0's parameter values on every rank, as DDP does."""
-        if self.comm.distributed:
+    def _prepare_model(self, tensors: list[torch.Tensor], frozen: list[torch.Tensor]) -> None:
+        """What DDP does to the whole model: ``param_dtype`` casts frozen floating parameters too,
+        and start-up sync broadcasts rank 0's parameters (trainable and frozen) and buffers."""
+        roots = models.owning_roots(tensors)
+        others = models.other_params(roots, frozen, tensors)
+        if self.options.param_dtype is not None:
+            models.cast_(others, self.options.param_dtype)
+        if self.options.sync_params and self.comm.distributed:
             with torch.no_grad():
-                for p in tensors:
-                    self.comm.broadcast_(dtensor.local(p).data, src=0)
+                for t in [*tensors, *others, *models.buffers(roots)]:
+                    self.comm.broadcast_(dtensor.local(t).data, src=0)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not getattr(self, "_constructing", True):
-            raise RuntimeError("ZeroAdamW cannot add a param group after construction: its "
-                               "buckets and shards are fixed. Pass every group to the constructor "
-                               "(use lr=0 or requires_grad=False for groups that start frozen)")
-        super().add_param_group(param_group)
+    def _make_buckets(self, plan_buckets: Sequence[Any], tensors: list[torch.Tensor]) -> list[FlatBucket]:
+        """Buffers for ``plan_buckets``; ``tensors`` are indexed like ``self.plan.params``."""
+        amsgrad = any(g["amsgrad"] for g in self.param_groups)
+        with torch.no_grad():
+            return [FlatBucket(self.plan, b, [tensors[s.param] for s in b.slots], rank=self.comm.rank,
+                               world_size=self.comm.world_size, device=self._device,
+                               reduce_dtype=self.options.reduce_dtype,
+                               keep_full_grad=self.options.stage == 1, pool=self._pool,
+                               grad_dtype=self.options.grad_dtype, master=self.options.master,
+                               offload=self.options.offload, amsgrad=amsgrad)
+                    for b in plan_buckets]
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove the gradient hooks and release the parameters (a new optimizer may then own
+        them). The model keeps its current weights; this optimizer cannot step any more."""
+        if not self.closed:
+            self.closed = True
+            self._finalizer()
+
+    def _check_open(self, what: str) -> None:
+        if self.closed:
+            raise RuntimeError(f"{what} on a closed ZeroAdamW: close() removed its gradient hooks. "
+                               "Create a new ZeroAdamW for the model")
 
     # -- training ------------------------------------------------------------------------------
     def no_sync(self) -> AbstractContextManager[None]:
         """Backward passes inside accumulate without a per-step reduction (see ``accumulate``)."""
+        self._check_open("no_sync()")
         return self._sync.no_sync()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        self._check_open("step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -167,9 +197,6 @@ class ZeroAdamW(GradientPolicy, ShardedState, torch.optim.Optimizer):
         if self._prefetch is not None:
             self._prefetch.wait_all()
 
-    def _check_fresh(self, bi: int, si: int) -> None:
-        self._prefetch.check_grad(bi, self.plan.params[self.buckets[bi].bucket.slots[si].param].key)
-
     def _update(self, group: dict[str, Any], mine: list[FlatBucket]) -> None:
         """One fused call over the group's plain buckets; the others (remainder master, 16-bit
         gradient shards, offloaded state) one bucket at a time, so at most one FP32 shard is
@@ -191,14 +218,28 @@ class ZeroAdamW(GradientPolicy, ShardedState, torch.optim.Optimizer):
 
     def _update_buckets(self, group: dict[str, Any], mine: list[FlatBucket], masters: list,
                         grads: list) -> None:
-        beta1, beta2 = group["betas"]
+        """The fused AdamW call over the runs of ``mine`` (``zero_adam.update``: frozen
+        parameters are left out, each run at its own step count)."""
+        amsgrad = group["amsgrad"]
+        cols: list[list[torch.Tensor]] = [[], [], [], [], [], []]
+        own = []
+        for fb, m, g in zip(mine, masters, grads):
+            state = (m, g, fb.exp_avg, fb.exp_avg_sq, fb.max_exp_avg_sq if amsgrad else None)
+            runs = update.runs(self.plan, fb, self.comm.rank, self.comm.world_size)
+            own.append(runs is None)
+            for lo, hi, step in ([(None, None, fb.step)] if runs is None else
+                                 [(r.lo, r.hi, update.run_step(fb, r)) for r in runs]):
+                for col, t in zip(cols, state):
+                    if t is not None:
+                        col.append(t if lo is None else t[lo:hi])
+                cols[5].append(step)
+        beta1, beta2 = (float(b) for b in group["betas"])
         kernel.adamw_(
-            masters, grads,
-            [fb.exp_avg for fb in mine], [fb.exp_avg_sq for fb in mine],
-            [fb.step for fb in mine], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-            max_exp_avg_sqs=[fb.max_exp_avg_sq for fb in mine] if group["amsgrad"] else (),
-            maximize=group["maximize"])
+            cols[0], cols[1], cols[2], cols[3], cols[5], lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=amsgrad,
+            max_exp_avg_sqs=cols[4], maximize=group["maximize"])
+        for fb, stepped in zip(mine, own):
+            update.after_update(fb, stepped)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discard accumulated gradients. ``step()`` already consumes them; this is for parity."""
@@ -216,6 +257,14 @@ class ZeroAdamW(GradientPolicy, ShardedState, torch.optim.Optimizer):
             out["buffers"] += self._pool.nbytes()
         out["total"] = sum(out.values())
         return out
+
+
+def _fresh_check(prefetch: GatherPrefetch, buckets: list[FlatBucket]) -> Callable[[int, int], None]:
+    """The overlap guard's last line: a gradient for a parameter whose gather is still pending.
+    Holds no reference to the optimizer (its hooks must not keep it alive)."""
+    def check(bi: int, si: int) -> None:
+        prefetch.check_grad(bi, buckets[bi].keys[si])
+    return check
 
 
 def _dp_group(process_group: Any, mesh: Any, dp_dim: str) -> Any:

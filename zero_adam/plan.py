@@ -126,6 +126,18 @@ class Plan:
         return lines
 
 
+def extend_plan(plan: Plan, params: Sequence[ParamSpec], *, bucket_numel: int) -> Plan:
+    """``plan`` plus buckets for ``params`` (a param group added after construction), appended
+    after the existing buckets so that nothing already sharded moves."""
+    more = build_plan(params, bucket_numel=bucket_numel, align=plan.align)
+    n_params, n_buckets = len(plan.params), len(plan.buckets)
+    shifted = tuple(
+        Bucket(b.index + n_buckets, b.group, b.dtype,
+               tuple(Slot(s.param + n_params, s.offset, s.numel) for s in b.slots), b.tp_sharded)
+        for b in more.buckets)
+    return Plan(plan.params + more.params, plan.buckets + shifted, plan.align)
+
+
 def build_plan(
     params: Sequence[ParamSpec], *, bucket_numel: int, align: int = DEFAULT_ALIGN
 ) -> Plan:
@@ -175,19 +187,21 @@ def build_plan(
 
 
 def trainable_specs(param_groups: Sequence[dict], param_dtype: torch.dtype | None = None,
-                    tp_rule=None) -> tuple[list[torch.Tensor], list[ParamSpec]]:
+                    tp_rule=None, first_group: int = 0) -> tuple[list[torch.Tensor], list[ParamSpec]]:
     """The trainable tensors of torch-style param groups and their specs, in plan order.
 
     Keys are the groups' ``param_names`` when given (``named_parameters()``), else positions.
     DTensor parameters contribute their local shape. ``tp_rule(key, shape) -> (local_shape,
     sharded)`` describes tensor parallelism for plain tensors (the planner sizing a TP run).
+    Zero-element parameters have nothing to shard or update and are left out (as DeepSpeed does).
+    ``first_group`` numbers the groups from there (``add_param_group``).
     """
     from .dtensor import local, tp_sharded
     tensors, specs = [], []
-    for gi, group in enumerate(param_groups):
+    for gi, group in enumerate(param_groups, start=first_group):
         names = group.get("param_names")
         for i, p in enumerate(group["params"]):
-            if not p.requires_grad:
+            if not p.requires_grad or local(p).numel() == 0:
                 continue
             key = names[i] if names else f"param_groups.{gi}.params.{i}"
             shape, sharded = tuple(local(p).shape), tp_sharded(p)

@@ -3,11 +3,15 @@
 ``step()`` launches each bucket's all-gather asynchronously, in the order the forward first uses
 the buckets, and a forward pre-hook waits for a bucket just before a module whose own parameters
 live in it runs. The order is *recorded*, not assumed: the first step after enabling gathers
-synchronously and watches which module calls touch which buckets; parameters that got a gradient
-without any module call touching them (used directly by another module's code) are marked
-"eager" and waited for before the first module runs. Rank 0's record is used by every rank, so
-collectives stay in one order. A gradient arriving for a parameter whose gather was never waited
-for raises instead of training on stale weights (``check_grad``).
+synchronously and watches which module calls touch which buckets; buckets with parameters that got
+a gradient without any module call touching them are "eager" (waited for before the first module
+runs). Rank 0's record is used by every rank, so collectives stay in one order.
+
+The order is only a schedule. Correctness is per parameter, in train and eval mode alike: while any
+gather is in flight a ``TorchFunctionMode`` (``_ReadGuard``) looks at the arguments of every torch
+call, and a call that reads (or writes) a parameter whose bucket is still being gathered waits for
+that bucket first: a parent module calling ``F.linear(x, self.child.weight)``, an EMA update, a
+``state_dict()``. The guard leaves the mode stack once the last gather has been waited for.
 """
 
 from __future__ import annotations
@@ -16,16 +20,34 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .comm import Comm, Pending
 
 
+class _ReadGuard(TorchFunctionMode):
+    """Waits for the gather of any parameter a torch call is about to touch."""
+
+    def __init__(self, prefetch: GatherPrefetch) -> None:
+        super().__init__()
+        self._prefetch = weakref.ref(prefetch)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        pf = self._prefetch()
+        if pf is not None and pf.pending:
+            pf.wait_for(args)
+            if kwargs:
+                pf.wait_for(tuple(kwargs.values()))
+        return func(*args, **(kwargs or {}))
+
+
 class GatherPrefetch:
     def __init__(self, buckets: Sequence[Any], comm: Comm) -> None:
-        self.buckets = list(buckets)
+        self.buckets: list[Any] = []
+        self.bucket_of: dict[int, int] = {}
         self.comm = comm
-        self.bucket_of = {id(p): bi for bi, fb in enumerate(self.buckets) for p in fb.params}
         self.order: list[int] | None = None        # bucket launch order, once recorded
         self.eager: set[int] = set()
         self.pending: dict[int, Pending] = {}
@@ -34,6 +56,19 @@ class GatherPrefetch:
         self._touched: set[int] = set()
         self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._hook = None
+        self._guard = _ReadGuard(self)
+        self._guard_on = False
+        self.add_buckets(buckets)
+
+    def add_buckets(self, buckets: Sequence[Any]) -> None:
+        """New buckets (``add_param_group``): record the forward order again on the next step."""
+        for fb in buckets:
+            bi = len(self.buckets)
+            self.buckets.append(fb)
+            self.bucket_of.update({id(p): bi for p in fb.params})
+        self.wait_all()
+        self.order, self._recording = None, None
+        self._modules = weakref.WeakKeyDictionary()
 
     # -- called by the optimizer ---------------------------------------------------------------
     def launch(self, gather: Callable[[int], Pending]) -> None:
@@ -47,6 +82,7 @@ class GatherPrefetch:
         self.pending = {bi: gather(bi) for bi in self.order}
         self._first_call = True
         self._arm()
+        self._push_guard()
 
     def finish_recording(self, got_grad: set[int]) -> None:
         """At the next step: fix the order from what the forward touched (rank 0 decides)."""
@@ -65,22 +101,55 @@ class GatherPrefetch:
             self._wait(bi)
         self._disarm()
 
+    def wait_for(self, values: tuple) -> None:
+        """Wait for the buckets of any parameter among ``values`` (and one level of lists)."""
+        for v in values:
+            if isinstance(v, (list, tuple)):
+                for item in v:
+                    bi = self.bucket_of.get(id(item))
+                    if bi is not None and bi in self.pending:
+                        self._wait(bi)
+            else:
+                bi = self.bucket_of.get(id(v))
+                if bi is not None and bi in self.pending:
+                    self._wait(bi)
+
     def check_grad(self, bi: int, name: str) -> None:
         if bi in self.pending:
             raise RuntimeError(
                 f"parameter {name} received a gradient although its all-gather was never waited "
-                "for: the forward used it outside the forward of the module that owns it, so it "
-                "read last step's weights. Create ZeroAdamW with overlap_gather=False for this model")
+                "for: it was read through a path the read guard cannot see, so it read last "
+                "step's weights. Create ZeroAdamW with overlap_gather=False for this model")
 
-    # -- the forward pre-hook ------------------------------------------------------------------
+    def close(self) -> None:
+        """Finish every gather and remove the hooks (``ZeroAdamW.close`` / its finalizer)."""
+        self.wait_all()
+        self._recording = None
+        self._disarm()
+
+    # -- hooks ---------------------------------------------------------------------------------
     def _arm(self) -> None:
         if self._hook is None:
             self._hook = nn.modules.module.register_module_forward_pre_hook(self._pre_forward)
 
     def _disarm(self) -> None:
-        if self._hook is not None and not self.pending and self._recording is None:
-            self._hook.remove()
-            self._hook = None
+        if not self.pending:
+            self._pop_guard()
+            if self._hook is not None and self._recording is None:
+                self._hook.remove()
+                self._hook = None
+
+    def _push_guard(self) -> None:
+        if self.pending and not self._guard_on:
+            torch.overrides._push_mode(self._guard)
+            self._guard_on = True
+
+    def _pop_guard(self) -> None:
+        """Leave the mode stack if the guard is on top; otherwise it stays (inert: nothing is
+        pending) until a later wait finds it on top. Modes must be popped in stack order."""
+        if self._guard_on and torch.overrides._get_current_function_mode() is self._guard:
+            torch.overrides._pop_mode()
+            self._guard_on = False
 
     def _direct_buckets(self, module: nn.Module) -> tuple[int, ...]:
         found = self._modules.get(module)
@@ -109,3 +178,5 @@ class GatherPrefetch:
         p = self.pending.pop(bi, None)
         if p is not None:
             p.wait()
+        if not self.pending:
+            self._pop_guard()

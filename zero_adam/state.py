@@ -18,7 +18,8 @@ class ShardedState:
         """This rank's shards (same world size only; ``zero_adam.checkpoint`` reshards)."""
         self.wait_params()
         out = super().state_dict()
-        out["state"] = {fb.bucket.index: {**fb.state_tensors(), "master": fb.read_master()}
+        out["state"] = {fb.bucket.index: {**fb.state_tensors(), "master": fb.read_master(),
+                                          "lag": list(fb.lag)}
                         for fb in self.buckets}
         out["zero_adam"] = {"world_size": self.comm.world_size, "rank": self.comm.rank,
                             "fingerprint": self.plan.fingerprint(), "stage": self.options.stage,
@@ -47,6 +48,7 @@ class ShardedState:
             for name, t in fb.state_tensors().items():
                 t.copy_(saved[name])
             fb.write_master(saved["master"].to(fb.read_master().device))
+            fb.lag = list(saved.get("lag", [0] * len(fb.lag)))
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
         self.load_scaler_state(meta.get("scaler"))

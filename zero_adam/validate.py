@@ -33,9 +33,15 @@ def check_hyperparams(group: dict[str, Any], where: str = "") -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r}{at}; pass two numbers, e.g. (0.9, 0.999)")
     for i, b in enumerate(betas):
-        b = float(b) if isinstance(b, torch.Tensor) and b.numel() == 1 else b
+        if isinstance(b, torch.Tensor) and b.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element{at}")
+        b = float(b) if isinstance(b, torch.Tensor) else b
         if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b}{at}; betas must be in [0, 1)")
+    kinds = {isinstance(b, torch.Tensor) or (isinstance(b, float) and "float") for b in betas}
+    if kinds not in ({True}, {"float"}):
+        raise ValueError(f"betas must be either both floats or both Tensors{at}, got "
+                         f"{tuple(type(b).__name__ for b in betas)}; write e.g. (0.9, 0.999)")
     if not isinstance(wd, (int, float)) or not 0.0 <= wd < math.inf:
         raise ValueError(f"Invalid weight_decay value: {wd}{at}; weight_decay must be >= 0")
 
