@@ -100,6 +100,7 @@ def main() -> None:
                "peak_rss": int(stats[0]), "state_bytes": int(stats[1]),
                "comm_bytes_per_step": comm, "final_loss": float(last) / rt.world_size}
         Path(a.out).write_text(json.dumps(out, indent=1))
+    del method, model  # an optimizer that goes finishes its in-flight gathers (its finalizer)
     runtime.shutdown()
 
 

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import gc
 import logging
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -20,6 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zero_adam import ZeroAdamW
+
+from dist_cases import _guard
 
 GLOBAL = 12  # global batch rows: divisible by 1, 2 and 3 ranks
 LR = 1e-2
@@ -92,6 +93,19 @@ def data(step: int, dtype=torch.float32):
 
 def loss_of(model, x, y):
     return F.mse_loss(model(x), y)
+
+
+def step_both(group, step: int, model, opt, ref, ref_opt) -> float:
+    """One step of ZeroAdamW (this rank's rows) and of AdamW (all rows); their max difference."""
+    rank, ws = dist.get_rank(group), dist.get_world_size(group)
+    b = GLOBAL // ws
+    x, y = data(step)
+    loss_of(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]).backward()
+    loss_of(ref, x, y).backward()
+    opt.step()
+    ref_opt.step()
+    ref_opt.zero_grad()
+    return diff(model, ref)
 
 
 def diff(a: nn.Module, b: nn.Module) -> float:
@@ -192,19 +206,10 @@ def lifetime(group) -> dict:
 
 
 def _continue(group, model, stage) -> dict:
-    rank, ws = dist.get_rank(group), dist.get_world_size(group)
     ref = copy.deepcopy(model)
     opt = ZeroAdamW(model.parameters(), lr=LR, process_group=group, stage=stage)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
-    b, worst = GLOBAL // ws, 0.0
-    for step in range(3):
-        x, y = data(step)
-        loss_of(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]).backward()
-        loss_of(ref, x, y).backward()
-        opt.step()
-        ref_opt.step()
-        ref_opt.zero_grad()
-        worst = max(worst, diff(model, ref))
+    worst = max(step_both(group, step, model, opt, ref, ref_opt) for step in range(3))
     norm = opt.last_grad_norm
     opt.close()
     return {"diff": worst, "norm": norm}
@@ -356,10 +361,9 @@ def frozen_checkpoint(group) -> dict:
 
     from zero_adam import checkpoint
     from zero_adam.ckpt_format import read_meta
-    rank, ws = dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
     where = [tempfile.mkdtemp() if rank == 0 else None]
     dist.broadcast_object_list(where, src=dist.get_global_rank(group, 0), group=group)
-    b = GLOBAL // ws
 
     def build():
         torch.manual_seed(0)
@@ -368,13 +372,7 @@ def frozen_checkpoint(group) -> dict:
         return m, ZeroAdamW(m.parameters(), lr=LR, weight_decay=0.1, process_group=group)
 
     def one(step, m, o, r, ro):
-        x, y = data(step)
-        loss_of(m, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]).backward()
-        loss_of(r, x, y).backward()
-        o.step()
-        ro.step()
-        ro.zero_grad()
-        return diff(m, r)
+        return step_both(group, step, m, o, r, ro)
 
     model, opt = build()
     ref = copy.deepcopy(model)
@@ -415,9 +413,3 @@ def run_all(names: list[str]) -> dict:
             dist.barrier()
     return out
 
-
-def _guard(fn, *args) -> dict:
-    try:
-        return fn(*args)
-    except Exception as e:  # reported to the parent, which asserts on it
-        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
