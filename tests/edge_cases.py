@@ -42,6 +42,19 @@ class Albert(nn.Module):
         return self.head(h)
 
 
+class Tied(nn.Module):
+    """One layer applied twice in one graph (no checkpointing): one AccumulateGrad, summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(7, 33)
+        self.twice = nn.Linear(33, 33)
+        self.head = nn.Linear(33, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.twice(torch.tanh(self.twice(self.emb(x))))))
+
+
 class Blocks(nn.Module):
     """Ordinary blocks, each its own reentrant checkpoint segment; the input does not need grad,
     so the first gradient of the backward arrives inside a nested segment."""
@@ -163,7 +176,8 @@ def train(group, make, *, stage: int, steps: int = 4, backwards: int = 1, use_no
 def reentrant(group) -> dict:
     out = {}
     for stage, acc in ((1, None), (2, None), (2, "local")):
-        models = (("albert", Albert), ("blocks", Blocks), ("blocks_frozen_emb", lambda: Blocks(True)))
+        models = (("albert", Albert), ("blocks", Blocks), ("blocks_frozen_emb", lambda: Blocks(True)),
+                  ("tied", Tied))
         for name, make in models:
             out[f"{name}-s{stage}-{acc}"] = train(group, make, stage=stage, accumulate=acc)
             out[f"{name}-s{stage}-{acc}-accum"] = train(group, make, stage=stage, accumulate=acc,
@@ -371,20 +385,17 @@ def frozen_checkpoint(group) -> dict:
         m.b.requires_grad_(False)
         return m, ZeroAdamW(m.parameters(), lr=LR, weight_decay=0.1, process_group=group)
 
-    def one(step, m, o, r, ro):
-        return step_both(group, step, m, o, r, ro)
-
     model, opt = build()
     ref = copy.deepcopy(model)
     ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=LR, weight_decay=0.1)
-    worst = one(0, model, opt, ref, ref_opt)
+    worst = step_both(group, 0, model, opt, ref, ref_opt)
     for m in (model, ref):
         m.a.weight.requires_grad_(False)
-    worst = max(worst, one(1, model, opt, ref, ref_opt))
+    worst = max(worst, step_both(group, 1, model, opt, ref, ref_opt))
     for m, o in ((model, opt), (ref, ref_opt)):
         m.b.requires_grad_(True)
         o.add_param_group({"params": list(m.b.parameters())})
-    worst = max(worst, one(2, model, opt, ref, ref_opt))
+    worst = max(worst, step_both(group, 2, model, opt, ref, ref_opt))
     path = checkpoint.save(f"{where[0]}/ckpt", model, opt)
     meta_steps = read_meta(path).get("param_steps", {})
     opt.close()
@@ -397,7 +408,7 @@ def frozen_checkpoint(group) -> dict:
         if step == 4:
             for m in (model2, ref):
                 m.a.weight.requires_grad_(True)
-        worst = max(worst, one(step, model2, opt2, ref, ref_opt))
+        worst = max(worst, step_both(group, step, model2, opt2, ref, ref_opt))
     opt2.close()
     return {"diff": worst, "param_steps": meta_steps}
 

@@ -39,7 +39,7 @@ def exact(run: dict, what: str) -> None:
 
 def test_reentrant_checkpointing_trains_exactly_with_one_reduction_per_bucket(edges):
     for ws, r in results(edges, "reentrant"):
-        assert len(r) == 18
+        assert len(r) == 24
         for key, run in r.items():
             exact(run, f"{key} ws{ws}")
             per_step = run["buckets"] if ws > 1 else 0

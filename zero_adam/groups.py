@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import dtensor, lifetime, models, validate
+from . import lifetime, models, validate
 from .plan import extend_plan, trainable_specs
 
 
@@ -96,10 +96,7 @@ class GroupGrowth:
         self._owned += [id(p) for p in tensors]
         if self.options.param_dtype is not None:
             models.cast_(frozen, self.options.param_dtype)
-        if self.options.sync_params and self.comm.distributed:
-            with torch.no_grad():
-                for t in [*tensors, *frozen]:
-                    self.comm.broadcast_(dtensor.local(t).data, src=0)
+        self._broadcast_from_rank0([*tensors, *frozen])
         by_index = dict(zip(range(len(self.plan.params) - len(tensors), len(self.plan.params)), tensors))
         new = self._make_buckets(self.plan.buckets[first:], by_index)
         self.buckets.extend(new)

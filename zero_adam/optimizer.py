@@ -121,9 +121,13 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
         others = models.other_params(roots, frozen, tensors)
         if self.options.param_dtype is not None:
             models.cast_(others, self.options.param_dtype)
+        self._broadcast_from_rank0([*tensors, *others, *models.buffers(roots)])
+
+    def _broadcast_from_rank0(self, tensors: list[torch.Tensor]) -> None:
+        """Start-up sync (``sync_params``): rank 0's values everywhere, as DDP does."""
         if self.options.sync_params and self.comm.distributed:
             with torch.no_grad():
-                for t in [*tensors, *others, *models.buffers(roots)]:
+                for t in tensors:
                     self.comm.broadcast_(dtensor.local(t).data, src=0)
 
     def _make_buckets(self, plan_buckets: Sequence[Any], tensors: list[torch.Tensor]) -> list[FlatBucket]:

@@ -44,12 +44,15 @@ def runs(plan: Plan, fb, rank: int, world_size: int) -> list[Run] | None:
 
 
 def after_update(fb, stepped_own: bool) -> None:
-    """Count the update: frozen slots fall one step behind; the bucket's step advances once."""
+    """Count the update: frozen slots fall one step behind; the bucket's step advances once.
+    ``stepped_own``: the whole shard was one run at the bucket's step (the kernel advanced it and
+    nothing was frozen), so there is nothing else to count."""
+    if stepped_own:
+        return
     for si, p in enumerate(fb.params):
         if not p.requires_grad:
             fb.lag[si] += 1
-    if not stepped_own:
-        fb.step.add_(1)
+    fb.step.add_(1)
 
 
 def run_step(fb, run: Run) -> torch.Tensor:
