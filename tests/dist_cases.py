@@ -133,10 +133,25 @@ def roundtrip(group, stage: int) -> dict:
     same = all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
     other = _clone(saved)
     other["zero_adam"]["world_size"] = ws + 1
+    out = {"same": same, "wrong_world_refused": False, "file_fraction": _saved_fraction(group, stage)}
     with contextlib.suppress(ValueError):
         opt2.load_state_dict(other)
-        return {"same": same, "wrong_world_refused": False}
-    return {"same": same, "wrong_world_refused": True}
+        return out
+    return {**out, "wrong_world_refused": True}
+
+
+def _saved_fraction(group, stage: int) -> float:
+    """torch.save(opt.state_dict()) of FP32 params (whose master is a slice of the parameter
+    buffer) over the unsharded AdamW state (12 bytes per parameter)."""
+    import io
+    model = make_model()
+    opt = ZeroAdamW(named_groups(model), process_group=group, stage=stage, bucket_mb=0.004)
+    loss_fn(model, *batch(0, MICRO)).backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    opt.close()
+    return buf.getbuffer().nbytes / (12 * sum(p.numel() for p in model.parameters()))
 
 
 def _clone(obj):
@@ -195,15 +210,27 @@ def outside_use(group, switch_at) -> dict:
 
 def broken_prefetch(group) -> dict:
     """The parity harness must notice a forward on stale weights: disable the waits and look."""
+    from zero_adam.comm import Comm, Pending
     from zero_adam.prefetch import GatherPrefetch
 
     from _parity import run_parity
-    saved = GatherPrefetch._pre_forward, GatherPrefetch.check_grad, GatherPrefetch.wait_for
+    saved = GatherPrefetch._pre_forward, GatherPrefetch.check_grad, GatherPrefetch.wait_for, Comm.all_gather
     GatherPrefetch._pre_forward = lambda self, module, args: (
         self._recording.extend(self._direct_buckets(module)) if self._recording is not None else None)
     GatherPrefetch.check_grad = lambda self, bi, name: None
     GatherPrefetch.wait_for = lambda self, values: None  # the per-read guard too
+
+    def late_gather(self, full, lo, hi, what="parameter all-gather"):
+        """A gather that lands only when waited for: a read without the wait sees other ranks'
+        shards zeroed, however fast the collective would have been (no timing in the check)."""
+        if not self.distributed:
+            return Pending()
+        full[:lo].zero_()
+        full[hi:].zero_()
+        return Pending(None, lambda: dist.all_reduce(full, group=self.group))
+    Comm.all_gather = late_gather
     try:
         return run_parity(dict(stage=2, overlap=True, steps=4), group)
     finally:
-        GatherPrefetch._pre_forward, GatherPrefetch.check_grad, GatherPrefetch.wait_for = saved
+        (GatherPrefetch._pre_forward, GatherPrefetch.check_grad, GatherPrefetch.wait_for,
+         Comm.all_gather) = saved

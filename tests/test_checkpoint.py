@@ -199,3 +199,47 @@ def test_consolidation_peak_memory_is_one_tensor_not_the_model(tmp_path):
     extra_model = 24 * 1024 * 2048 * 4
     print(f"peak RSS {small / 2**20:.0f} MiB (96 MiB model) vs {big / 2**20:.0f} MiB (288 MiB model)")
     assert big - small < 48 * 2**20 < extra_model / 3
+
+
+class _Tied(torch.nn.Module):
+    """GPT-2's tied input and output embeddings (one tensor, two state-dict names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(50, 12)
+        self.lm_head = torch.nn.Linear(12, 50, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.wte(x))
+
+
+def test_tied_weights_export_under_every_name(tmp_path):
+    torch.manual_seed(0)
+    model = _Tied()
+    opt = ZeroAdamW(model.named_parameters(), lr=1e-2)
+    x = torch.randint(0, 50, (4, 7))
+    torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    opt.step()
+    path = checkpoint.save(tmp_path / "ck", model, opt)
+    out = tmp_path / "w.safetensors"
+    assert consolidate([str(path), str(out)]) == 0
+    state = load_file(out)
+    assert set(state) == {"wte.weight", "lm_head.weight"}
+    fresh = _Tied()
+    fresh.load_state_dict(state, strict=True)   # the README's strict load
+    assert torch.equal(fresh.wte.weight, model.wte.weight) and fresh.lm_head.weight is fresh.wte.weight
+    opt.close()
+
+
+def test_compact_state_dict_saves_one_parameter_not_its_bucket(tmp_path):
+    import io
+
+    from zero_adam import compact_state_dict
+    model, opt = _trained(param_dtype=None)
+    one = {"scale": model.state_dict()["scale"]}
+    whole, small = io.BytesIO(), io.BytesIO()
+    torch.save(one, whole)                                   # a view: its bucket's storage goes too
+    torch.save({"scale": compact_state_dict(model)["scale"]}, small)
+    assert whole.getbuffer().nbytes > 4 * 1000 and small.getbuffer().nbytes < 2000
+    assert torch.equal(compact_state_dict(model)["scale"], model.scale)

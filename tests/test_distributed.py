@@ -89,6 +89,7 @@ def test_state_dict_round_trip(behaviour, stage):
     for r in _only(behaviour, f"roundtrip{stage}", 3):
         assert "error" not in r, r.get("trace")
         assert r["same"] and r["wrong_world_refused"]
+        assert r["file_fraction"] < 1 / 3 + 0.05, r["file_fraction"]   # 1/N of the state, N = 3
 
 
 def test_overlap_waits_for_params_used_outside_their_module(behaviour):

@@ -9,6 +9,7 @@ from . import checkpoint
 from .optimizer import ZeroAdamW
 from .options import ShardingOptions
 from .plan import Plan, build_plan
+from .state import compact_state_dict
 
-__all__ = ["ZeroAdamW", "ShardingOptions", "Plan", "build_plan", "checkpoint"]
+__all__ = ["ZeroAdamW", "ShardingOptions", "Plan", "build_plan", "checkpoint", "compact_state_dict"]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from . import update
+from . import ckpt_layout, update
 from .ckpt_format import (
     FORMAT,
     CheckpointError,
@@ -31,10 +31,8 @@ from .ckpt_format import (
     file_digest,
     is_complete,
     join_extra,
-    parse_shard_key,
     quiet_single_process,
     read_meta,
-    shard_key,
     split_extra,
     write_meta,
 )
@@ -45,7 +43,7 @@ __all__ = ["save", "load", "latest", "is_complete", "CheckpointError"]
 
 def save(path: str | os.PathLike, model: nn.Module, optimizer: ZeroAdamW, extra: Any = None) -> Path:
     """Write a checkpoint of ``model`` and ``optimizer`` (call on every rank, after ``step()``)."""
-    path, comm = Path(path), optimizer.comm
+    path, comm = Path(path), ckpt_layout.span_comm(optimizer)
     optimizer.wait_params()
     names = _names(model, optimizer)
     tree, extra_tensors = split_extra(extra if extra is not None else {})
@@ -71,7 +69,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: ZeroAdamW, extra:
 
 def load(path: str | os.PathLike, model: nn.Module, optimizer: ZeroAdamW) -> Any:
     """Restore a checkpoint saved on any world size and stage; return the saved ``extra``."""
-    path, comm = Path(path), optimizer.comm
+    path, comm = Path(path), ckpt_layout.span_comm(optimizer)
     meta = read_meta(path)
     files = sorted(meta["files"])
     share = [f for i, f in enumerate(files) if i % comm.world_size == comm.rank]
@@ -80,12 +78,13 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: ZeroAdamW) -> Any
         raise CheckpointError(f"{path} is damaged: " + "; ".join(problems) +
                               ". Load an earlier checkpoint (zero_adam.checkpoint.latest skips it)")
     names = _names(model, optimizer)
+    ckpt_layout.check_tp(meta, optimizer, names)
     _check_compatible(meta, model, optimizer, names)
     reader = dcp.FileSystemReader(path)
     saved = reader.read_metadata().state_dict_metadata
     # loaded into (in place for persistent masters, a temporary for remainder ones), then written back
     masters = [fb.master if fb.master is not None else fb.read_master() for fb in optimizer.buckets]
-    request, copies = _plan_reads(optimizer, names, saved, masters)
+    request, copies = ckpt_layout.plan_reads(optimizer, names, saved, masters)
     full = _full_entries(model, optimizer)
     for name, t in full.items():
         request[f"full/{name}"] = torch.empty_like(t)
@@ -138,23 +137,8 @@ def _names(model: nn.Module, optimizer: ZeroAdamW) -> list[str]:
     return names
 
 
-def _views(fb, master: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = {"param": master, "exp_avg": fb.exp_avg, "exp_avg_sq": fb.exp_avg_sq}
-    if fb.max_exp_avg_sq is not None:
-        out["max_exp_avg_sq"] = fb.max_exp_avg_sq
-    return out
-
-
 def _local_state(model: nn.Module, optimizer: ZeroAdamW, names: list[str]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    comm, plan = optimizer.comm, optimizer.plan
-    for fb in optimizer.buckets:
-        views = _views(fb, fb.read_master())
-        for pc in plan.pieces(fb.bucket, comm.rank, comm.world_size):
-            n = pc.param_hi - pc.param_lo
-            for kind, t in views.items():
-                out[shard_key(kind, names[pc.param], pc.param_lo, pc.param_hi)] = \
-                    t[pc.shard_lo:pc.shard_lo + n]
+    out = ckpt_layout.local_pieces(optimizer, names)
     for name, t in _full_entries(model, optimizer).items():
         out[f"full/{name}"] = t.detach()
     return out
@@ -176,6 +160,7 @@ def _meta(model: nn.Module, optimizer: ZeroAdamW, names: list[str], tree: Any,
         members = [names[i] for i, s in enumerate(specs) if s.group == gi]
         groups.append({"hyper": hyper, "params": members})
     full = _full_entries(model, optimizer)
+    dims = ckpt_layout.tp_dims(optimizer, names)
     return {
         "format": FORMAT, "world_size": optimizer.comm.world_size, "stage": optimizer.options.stage,
         "step": float(optimizer.buckets[0].step),
@@ -183,11 +168,23 @@ def _meta(model: nn.Module, optimizer: ZeroAdamW, names: list[str], tree: Any,
         "param_steps": {names[s.param]: st for fb in optimizer.buckets
                         for s, st in zip(fb.bucket.slots, update.param_steps(fb))
                         if st != float(optimizer.buckets[0].step)},
-        "params": {names[i]: {"shape": list(s.shape), "dtype": dtype_name(s.dtype)}
+        "params": {names[i]: {"shape": list(s.shape), "dtype": dtype_name(s.dtype),
+                              **({"tp_dim": dims[names[i]]} if names[i] in dims else {})}
                    for i, s in enumerate(specs)},
+        # a TP-sharded parameter's "shape" is one TP rank's; its full shape has tp_size x at tp_dim
+        **({"tp_size": optimizer._tp.world_size} if dims else {}),
+        # other names of a trained tensor (tied weights): the export writes it under each
+        "aliases": _aliases(model, optimizer, names),
         "full": {n: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for n, t in full.items()},
         "param_groups": groups, "extra": tree, "files": digests, "scaler": optimizer.scaler_state(),
     }
+
+
+def _aliases(model: nn.Module, optimizer: ZeroAdamW, names: list[str]) -> dict[str, str]:
+    """{other state-dict name: the name it is saved under} for tensors the model registers twice."""
+    by_id = {id(p): names[s.param] for fb in optimizer.buckets for s, p in zip(fb.bucket.slots, fb.params)}
+    return {n: by_id[id(t)] for n, t in model.state_dict(keep_vars=True).items()
+            if id(t) in by_id and by_id[id(t)] != n}
 
 
 def _publish(tmp: Path, path: Path) -> None:
@@ -224,44 +221,6 @@ def _check_compatible(meta: dict[str, Any], model: nn.Module, optimizer: ZeroAda
     if problems:
         raise CheckpointError("the checkpoint does not match this model (or which parameters are "
                               "trainable):\n  " + "\n  ".join(problems))
-
-
-def _plan_reads(optimizer: ZeroAdamW, names: list[str], saved: dict[str, Any],
-                masters: list[torch.Tensor]):
-    """Which saved pieces this rank reads, and where each overlap goes."""
-    pieces: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
-    for key in saved:
-        parsed = parse_shard_key(key)
-        if parsed:
-            kind, name, lo, hi = parsed
-            pieces.setdefault((kind, name), []).append((lo, hi, key))
-    request: dict[str, torch.Tensor] = {}
-    copies = []
-    comm = optimizer.comm
-    for fb, master in zip(optimizer.buckets, masters):
-        for pc in optimizer.plan.pieces(fb.bucket, comm.rank, comm.world_size):
-            for kind, dst in _views(fb, master).items():
-                got = 0
-                for lo, hi, key in pieces.get((kind, names[pc.param]), []):
-                    s, e = max(pc.param_lo, lo), min(pc.param_hi, hi)
-                    if s >= e:
-                        continue
-                    if key not in request:
-                        request[key] = torch.empty(hi - lo, dtype=saved[key].properties.dtype,
-                                                   device=dst.device)
-                    at = pc.shard_lo + s - pc.param_lo
-                    copies.append((key, s - lo, e - lo, dst[at:at + e - s]))
-                    got += e - s
-                if got == pc.param_hi - pc.param_lo:
-                    continue
-                if kind == "max_exp_avg_sq":
-                    warnings.warn("amsgrad is on but the checkpoint has no max_exp_avg_sq: starting "
-                                  "it from zeros", stacklevel=3)
-                    continue
-                raise CheckpointError(f"the checkpoint lacks {kind} elements {pc.param_lo}-"
-                                      f"{pc.param_hi} of {names[pc.param]}; it is damaged or "
-                                      "from another model")
-    return request, copies
 
 
 def _restore_groups(meta: dict[str, Any], optimizer: ZeroAdamW, names: list[str]) -> None:

@@ -49,9 +49,30 @@ class Checkpoint:
                 kind, name, lo, hi = parsed
                 self.pieces.setdefault((kind, name), []).append((lo, hi, key))
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The full shape of trainable parameter ``name`` (its TP-joined shape, for a TP shard)."""
+        info = self.meta["params"][name]
+        shape = list(info["shape"])
+        if "tp_dim" in info:
+            shape[info["tp_dim"]] *= int(self.meta["tp_size"])
+        return tuple(shape)
+
+    def has(self, kind: str, name: str) -> bool:
+        if "tp_dim" in self.meta["params"][name]:
+            name = f"{name}@tp0"
+        return (kind, name) in self.pieces
+
     def tensor(self, kind: str, name: str) -> torch.Tensor:
-        """The full tensor of ``kind`` ("param", "exp_avg", ...) for parameter ``name``."""
-        shape = tuple(self.meta["params"][name]["shape"])
+        """The full tensor of ``kind`` ("param", "exp_avg", ...) for parameter ``name``; the
+        pieces of a tensor-parallel parameter are joined along its split dimension."""
+        info = self.meta["params"][name]
+        if "tp_dim" not in info:
+            return self._flat(kind, name, tuple(info["shape"]))
+        parts = [self._flat(kind, f"{name}@tp{r}", tuple(info["shape"]))
+                 for r in range(int(self.meta["tp_size"]))]
+        return torch.cat(parts, dim=info["tp_dim"])
+
+    def _flat(self, kind: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         pieces = sorted(self.pieces.get((kind, name), []))
         if not pieces:
             raise CheckpointError(f"{self.path} has no {kind} for {name}")
@@ -83,13 +104,20 @@ class Checkpoint:
 def export_weights(ckpt: Checkpoint, out: Path, dtype: torch.dtype | None = None) -> int:
     """Write every entry of the model's state dict; trainable params from their FP32 masters."""
     entries, params = [], ckpt.meta["params"]
+    aliases = ckpt.meta.get("aliases", {})
+    masters = {}
+    for (kind, key), found in ckpt.pieces.items():
+        if kind == "param":
+            masters[key.partition("@tp")[0]] = ckpt.saved[found[0][2]].properties.dtype
     for name in params:
-        master = ckpt.saved[sorted(ckpt.pieces[("param", name)])[0][2]].properties.dtype
-        entries.append((name, tuple(params[name]["shape"]), dtype or master))
+        entries.append((name, ckpt.shape(name), dtype or masters[name]))
+    for alias, name in aliases.items():  # tied weights: every name the model's state_dict has
+        entries.append((alias, ckpt.shape(name), dtype or masters[name]))
     for name, info in ckpt.meta["full"].items():
         entries.append((name, tuple(info["shape"]), to_dtype(info["dtype"])))
 
     def produce(name: str) -> torch.Tensor:
+        name = aliases.get(name, name)
         t = ckpt.tensor("param", name) if name in params else ckpt.full(name)
         return t.to(dtype) if dtype is not None and name in params else t
 
@@ -106,10 +134,10 @@ def export_adamw(ckpt: Checkpoint, out: Path) -> int:
         ids = list(range(index, index + len(g["params"])))
         groups.append({**hyper, "params": ids, "param_names": list(g["params"])})
         for i, name in zip(ids, g["params"]):
-            shape = tuple(ckpt.meta["params"][name]["shape"])
+            shape = ckpt.shape(name)
             entry = {"step": fake((), torch.float32)}
             for kind in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                if (kind, name) in ckpt.pieces:
+                if ckpt.has(kind, name):
                     entry[kind] = fake(shape, torch.float32)
             state[i] = entry
             for kind in entry:

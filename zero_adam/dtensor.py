@@ -43,6 +43,14 @@ def tp_sharded(t: torch.Tensor) -> bool:
     return is_dtensor(t) and any(isinstance(p, Shard) for p in t.placements)
 
 
+def shard_dim(t: torch.Tensor) -> int | None:
+    """The tensor dimension split across the (1-D) TP mesh, None if ``t`` is not split."""
+    if not is_dtensor(t):
+        return None
+    dims = [p.dim for p in t.placements if isinstance(p, Shard)]
+    return dims[0] if dims else None
+
+
 def rebind(param: torch.Tensor, view: torch.Tensor) -> None:
     """Make ``view`` the storage of ``param`` (of its local shard, for a DTensor)."""
     if is_dtensor(param):

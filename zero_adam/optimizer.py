@@ -73,6 +73,7 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
         self.comm = Comm(_dp_group(process_group, mesh, dp_dim), reduce_collective=reduce_collective,
                          gather_collective=gather_collective)
         tensors, specs = trainable_specs(self.param_groups, self.options.param_dtype)
+        self.mesh = mesh  # kept for checkpoints of a DP x TP mesh smaller than the world
         tp_group = dtensor.tp_group(tensors)
         self._tp = Comm(tp_group) if tp_group is not None else None
         device = validate.check_params(tensors, [s.key for s in specs])

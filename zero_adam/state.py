@@ -11,15 +11,35 @@ from typing import Any
 import torch
 
 
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if it owns its storage, else a copy: what ``torch.save`` writes is then ``t``'s
+    bytes, not the bytes of the buffer it views."""
+    if t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.storage_offset() == 0:
+        return t
+    return t.detach().clone()
+
+
+def compact_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every view copied out: ZeroAdamW makes parameters views into
+    bucket buffers, so ``torch.save`` of a single parameter (or of a state dict filtered to a few)
+    would write whole buckets. A full ``model.state_dict()`` costs nothing extra (each bucket is
+    written once); use this when saving a part, or handing tensors to code that keeps them."""
+    return {k: compact(v) for k, v in module.state_dict().items()}
+
+
 class ShardedState:
     """Mixed into ``ZeroAdamW`` (uses its ``buckets``, ``comm``, ``plan``, ``_scaler``, ``_sync``)."""
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shards (same world size only; ``zero_adam.checkpoint`` reshards)."""
+        """This rank's shards (same world size only; ``zero_adam.checkpoint`` reshards).
+
+        1/N of the optimizer state: a tensor that is a view into a larger buffer (the FP32
+        "master" of FP32 parameters is this rank's slice of the whole parameter buffer) is copied
+        out, since ``torch.save`` writes a view's entire storage."""
         self.wait_params()
         out = super().state_dict()
-        out["state"] = {fb.bucket.index: {**fb.state_tensors(), "master": fb.read_master(),
-                                          "lag": list(fb.lag)}
+        out["state"] = {fb.bucket.index: {**{k: compact(v) for k, v in fb.state_tensors().items()},
+                                          "master": compact(fb.read_master()), "lag": list(fb.lag)}
                         for fb in self.buckets}
         out["zero_adam"] = {"world_size": self.comm.world_size, "rank": self.comm.rank,
                             "fingerprint": self.plan.fingerprint(), "stage": self.options.stage,
