@@ -24,6 +24,7 @@ from launch.schema import (  # noqa: F401  (re-exported: every component imports
     LossScalingConfig,
     ModelConfig,
     OptimConfig,
+    ParallelConfig,
     ScheduleConfig,
     TrainConfig,
 )
@@ -56,12 +57,19 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 def check_world(cfg: Config, world_size: int) -> None:
     """Problems that depend on how many ranks run the config."""
-    t = cfg.train
-    per_step = t.micro_batch * world_size
+    t, tp = cfg.train, cfg.parallel.tp
+    if world_size % tp:
+        raise ConfigError(cfg.name, [
+            f"parallel.tp={tp}: must divide the number of processes ({world_size}); launch a "
+            f"multiple of {tp} processes or change parallel.tp"])
+    dp = world_size // tp
+    per_step = t.micro_batch * dp
     if t.global_batch % per_step:
+        where = f"data-parallel size ({world_size} processes / tp {tp} = {dp})" if tp > 1 else \
+            f"world size ({world_size})"
         raise ConfigError(cfg.name, [
             f"train.global_batch={t.global_batch}: must be a multiple of train.micro_batch "
-            f"({t.micro_batch}) x world size ({world_size}) = {per_step}; change one of them"])
+            f"({t.micro_batch}) x {where} = {per_step}; change one of them"])
 
 
 # -- loading -----------------------------------------------------------------------------------

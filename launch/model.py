@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from launch.config import ModelConfig
 
@@ -86,9 +87,13 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """``checkpoint_every=K`` recomputes every K-th block's activations in backward instead of
+    keeping them (non-reentrant ``torch.utils.checkpoint``: same gradients, less memory)."""
+
+    def __init__(self, cfg: ModelConfig, checkpoint_every: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.checkpoint_every = checkpoint_every
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -110,8 +115,12 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x, self.rope_cos, self.rope_sin)
+        k = self.checkpoint_every
+        for i, layer in enumerate(self.layers):
+            if k and i % k == 0 and torch.is_grad_enabled():
+                x = checkpoint(layer, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                x = layer(x, self.rope_cos, self.rope_sin)
         return self.head(self.norm(x))
 
 
@@ -122,7 +131,7 @@ def count_params(model: nn.Module) -> int:
 class HFCausalLM(nn.Module):
     """A ``transformers`` causal LM built from a config class by name; forward returns logits."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, checkpoint_every: int = 0) -> None:
         super().__init__()
         from launch.config import ConfigError
         try:
@@ -147,11 +156,14 @@ class HFCausalLM(nn.Module):
             if positions in known:
                 fields.setdefault(positions, cfg.max_seq_len)
         self.inner = transformers.AutoModelForCausalLM.from_config(cls(**fields))
+        if checkpoint_every:  # every block (the schema refuses every:K for transformers models)
+            self.inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.inner(input_ids=tokens).logits
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The built-in Llama, or a ``transformers`` model when ``model.hf_config`` is set."""
-    return HFCausalLM(cfg) if cfg.hf_config else Llama(cfg)
+def build_model(cfg: ModelConfig, checkpoint_every: int = 0) -> nn.Module:
+    """The built-in Llama, or a ``transformers`` model when ``model.hf_config`` is set;
+    ``checkpoint_every``: activation checkpointing of every K-th block (0: none)."""
+    return (HFCausalLM if cfg.hf_config else Llama)(cfg, checkpoint_every)

@@ -48,11 +48,13 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
             for g, m in zip(cfg.groups, members)]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, process_group: Any = None) -> ZeroAdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, process_group: Any = None,
+                    mesh: Any = None) -> ZeroAdamW:
+    """``mesh``: a ("dp", "tp") DeviceMesh; ZeroAdamW then shards over "dp" (instead of ``process_group``)."""
     groups = [g for g in param_groups(model, cfg) if g["params"]]
     return ZeroAdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-        process_group=process_group, stage=cfg.stage, bucket_mb=cfg.bucket_mb,
+        process_group=process_group, mesh=mesh, stage=cfg.stage, bucket_mb=cfg.bucket_mb,
         param_dtype=DTYPES[cfg.param_dtype] if cfg.param_dtype else None,
         reduce_dtype=DTYPES[cfg.reduce_dtype], max_grad_norm=cfg.max_grad_norm,
         accumulate=cfg.accumulate, overlap_gather=cfg.overlap_gather, max_inflight=cfg.max_inflight,

@@ -7,6 +7,7 @@ ZeroAdamW then takes its one-rank path, the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import os
@@ -25,10 +26,31 @@ class Runtime:
     device: torch.device
     backend: str
     group: Any = None
+    tp: int = 1
+    mesh: Any = None   # a ("dp", "tp") DeviceMesh when tp > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        """Which data-parallel replica this process belongs to (ranks r*tp ... r*tp+tp-1 share one)."""
+        return self.rank // self.tp
+
+
+def with_tp(rt: Runtime, tp: int) -> Runtime:
+    """Split the world into a (world/tp) x tp ``DeviceMesh``: "tp" varies fastest, so the ranks of
+    one tensor-parallel group are neighbours (on one node, where the bandwidth is)."""
+    if tp == 1:
+        return rt
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(rt.device.type, (rt.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    return dataclasses.replace(rt, tp=tp, mesh=mesh, group=None)
 
 
 def init(timeout_s: float = 300.0, deterministic: bool = False) -> Runtime:

@@ -12,8 +12,21 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+TP_HF_CONFIGS = ("LlamaConfig", "MistralConfig", "Qwen2Config")  # the module names launch/tp.py splits
 Dtype = Literal["float32", "bfloat16", "float16"]
 Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+def activation_every(value: str) -> int | None:
+    """``train.activation_checkpointing`` as "checkpoint every K-th block" (0: none), None if invalid."""
+    if value == "none":
+        return 0
+    if value == "full":
+        return 1
+    head, _, k = value.partition(":")
+    if head == "every" and k.isdigit() and int(k) >= 1:
+        return int(k)
+    return None
 
 
 class Section(BaseModel):
@@ -142,6 +155,7 @@ class ScheduleConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(200, gt=0)
+    activation_checkpointing: str = "none"
     global_batch: int = Field(16, gt=0)
     micro_batch: int = Field(8, gt=0)
     seq_len: int = Field(128, gt=0)
@@ -154,6 +168,9 @@ class TrainConfig(Section):
     collective_timeout_s: float = Field(300.0, gt=0)
 
     def problems(self) -> list[str]:
+        if activation_every(self.activation_checkpointing) is None:
+            return [f"train.activation_checkpointing={self.activation_checkpointing}: expected none, "
+                    "full (every block) or every:K (every K-th block, K >= 1)"]
         if self.stop_at is not None and self.stop_at > self.steps:
             return [f"train.stop_at={self.stop_at}: beyond train.steps={self.steps}"]
         if self.global_batch < self.micro_batch:
@@ -172,6 +189,13 @@ class CheckpointConfig(Section):
     resume: str = "none"
 
 
+class ParallelConfig(Section):
+    """``tp``: tensor-parallel degree T. The world of W processes becomes a (W/T) x T
+    ``DeviceMesh`` ("dp", "tp"); the model is split T ways (``launch/tp.py``), ZeroAdamW shards
+    over the "dp" dimension and the data is split over it too."""
+    tp: int = Field(1, ge=1)
+
+
 class LoggingConfig(Section):
     out_dir: str = "runs/{name}"
     progress: bool = True
@@ -186,6 +210,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    parallel: ParallelConfig = ParallelConfig()
     name: str = "run"
 
     def problems(self) -> list[str]:
@@ -195,4 +220,33 @@ class Config(Section):
             out.append(f"train.seq_len={t.seq_len}: longer than model.max_seq_len={m.max_seq_len}")
         if self.data.source in ("stdlib", "text") and m.vocab_size < 256:
             out.append(f"model.vocab_size={m.vocab_size}: byte-level data needs at least 256")
+        if m.hf_config and activation_every(t.activation_checkpointing) not in (0, 1):
+            out.append(f"train.activation_checkpointing={t.activation_checkpointing}: a transformers "
+                       "model checkpoints every block or none (use full or none)")
+        return out + tp_problems(m, self.parallel.tp)
+
+
+def tp_problems(m: ModelConfig, tp: int) -> list[str]:
+    """Why the model cannot be split ``tp`` ways (heads, KV heads, FFN columns and the vocabulary
+    are divided across TP ranks)."""
+    if tp == 1:
+        return []
+    if m.hf_config:
+        if m.hf_config not in TP_HF_CONFIGS:
+            return [f"parallel.tp={tp}: tensor parallelism covers the built-in Llama and transformers "
+                    f"{', '.join(TP_HF_CONFIGS)}, not model.hf_config={m.hf_config}"]
+        f = m.hf_fields
+        sizes = [("model.hf_fields.num_attention_heads", f.get("num_attention_heads")),
+                 ("model.hf_fields.num_key_value_heads", f.get("num_key_value_heads")),
+                 ("model.hf_fields.intermediate_size", f.get("intermediate_size")),
+                 ("model.vocab_size", m.vocab_size)]
+        out = [f"parallel.tp={tp}: {what}={n} is not divisible by {tp}"
+               for what, n in sizes if isinstance(n, int) and n % tp]
+        if f.get("tie_word_embeddings"):
+            out.append(f"parallel.tp={tp}: model.hf_fields.tie_word_embeddings=true: tied embeddings "
+                       "cannot be split by vocabulary twice; set it to false")
         return out
+    kv = m.n_kv_heads or m.n_heads
+    return [f"parallel.tp={tp}: {what}={n} is not divisible by {tp}"
+            for what, n in (("model.n_heads", m.n_heads), ("model.n_kv_heads", kv),
+                            ("model.ffn_dim", m.ffn_dim), ("model.vocab_size", m.vocab_size)) if n % tp]

@@ -24,11 +24,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from launch import checkpointing, runtime  # noqa: E402
+from launch import tp as tensor_parallel  # noqa: E402
 from launch.config import Config, ConfigError, check_world, load_config  # noqa: E402
 from launch.data import Corpus, DataError, batch, load_corpus, rows_of  # noqa: E402
 from launch.logs import RunLog  # noqa: E402
 from launch.model import build_model, count_params  # noqa: E402
 from launch.optim import build_optimizer, build_scheduler  # noqa: E402
+from launch.schema import activation_every  # noqa: E402
 from zero_adam import ZeroAdamW  # noqa: E402
 from zero_adam.comm import CollectiveError  # noqa: E402
 
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         rt = runtime.init(cfg.train.collective_timeout_s, cfg.train.deterministic)
         check_world(cfg, rt.world_size)
+        rt = runtime.with_tp(rt, cfg.parallel.tp)
         corpus = load_corpus(cfg.data, cfg.train.seq_len, cfg.model.vocab_size)
         train(cfg, rt, corpus)
         clean = True
@@ -88,8 +91,10 @@ def build(cfg: Config, rt: runtime.Runtime, corpus: Corpus) -> tuple[Run, int]:
     """Model, optimizer, schedule and log; resumed from a checkpoint when one applies."""
     t = cfg.train
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model).to(rt.device)
-    opt = build_optimizer(model, cfg.optim, rt.group)
+    model = build_model(cfg.model, activation_every(t.activation_checkpointing)).to(rt.device)
+    if rt.mesh is not None:
+        tensor_parallel.parallelize(model, rt.mesh["tp"])
+    opt = build_optimizer(model, cfg.optim, rt.group, mesh=rt.mesh)
     sched = build_scheduler(opt, cfg.schedule, t.steps)
     out_dir = Path(cfg.logging.out_dir.format(name=cfg.name))
     ckpt_dir = checkpointing.directory(cfg.checkpoint, cfg.name)
@@ -102,11 +107,12 @@ def build(cfg: Config, rt: runtime.Runtime, corpus: Corpus) -> tuple[Run, int]:
     log = RunLog(cfg.logging, out_dir, main=rt.is_main, total_steps=t.steps, start_step=start,
                  resume_at=start if source is not None else None)
     run = Run(cfg, rt, corpus, model, opt, sched, log, out_dir, ckpt_dir,
-              t.global_batch // (t.micro_batch * rt.world_size))
+              t.global_batch // (t.micro_batch * rt.dp_size))
     if window:
         run.window = window
     log.info(f"{cfg.name}: {count_params(model):,} params on {rt.world_size} x {rt.device.type} "
-             f"({rt.backend}), ZeRO stage {cfg.optim.stage}, {len(opt.buckets)} buckets; "
+             f"({rt.backend}{f', {rt.dp_size} data-parallel x {rt.tp} tensor-parallel' if rt.tp > 1 else ''}"
+             f"), ZeRO stage {cfg.optim.stage}, {len(opt.buckets)} buckets; "
              f"{corpus.description}; {run.n_micro} micro-step(s) of {t.micro_batch} x {t.seq_len} per rank"
              + (f"; resumed from {source} at step {start}" if source is not None else ""))
     return run, start
@@ -117,7 +123,7 @@ def train_step(run: Run, step: int) -> None:
     t, rt, opt = run.cfg.train, run.rt, run.opt
     loss_sum = torch.zeros(())
     for k in range(run.n_micro):
-        lo, hi = rows_of(k, rt.rank, t.micro_batch, rt.world_size)
+        lo, hi = rows_of(k, rt.dp_rank, t.micro_batch, rt.dp_size)
         x, y = batch(run.corpus.train, seed=t.seed, step=step, global_batch=t.global_batch, lo=lo, hi=hi,
                      seq_len=t.seq_len)
         with opt.no_sync() if k < run.n_micro - 1 else contextlib.nullcontext():
@@ -201,11 +207,11 @@ def summarize(run: Run, start: int, stop: int, wall: float) -> dict:
 def evaluate(model: torch.nn.Module, corpus: Corpus, cfg: Config, rt: runtime.Runtime) -> float:
     """Mean validation loss over fixed batches (the same ones at every evaluation), over all ranks."""
     t = cfg.train
-    rows = t.global_batch // rt.world_size
+    rows = t.global_batch // rt.dp_size
     total = torch.zeros(())
     for i in range(t.eval_batches):
         x, y = batch(corpus.val, seed=t.seed + 1_000_003, step=i, global_batch=t.global_batch,
-                     lo=rt.rank * rows, hi=(rt.rank + 1) * rows, seq_len=t.seq_len)
+                     lo=rt.dp_rank * rows, hi=(rt.dp_rank + 1) * rows, seq_len=t.seq_len)
         logits = model(x.to(rt.device)).float()
         total += F.cross_entropy(logits.flatten(0, 1), y.to(rt.device).flatten()).cpu()
     return float(runtime.all_mean(total / t.eval_batches, rt))
