@@ -7,7 +7,10 @@
 
 ``--world-size`` is the number of data-parallel ranks N (ZeRO shards over these); with ``--tp T``
 each of them is T GPUs, so the job uses N x T GPUs. The model is built on the ``meta`` device and
-partitioned exactly as ZeroAdamW will; activations are not included (use ``--reserve``).
+partitioned exactly as ZeroAdamW will. For the built-in Llama the per-rank peak adds activations
+(``launch/activations.py``: one micro-batch of ``train.micro_batch`` x ``train.seq_len`` with the
+config's ``train.activation_checkpointing``, overridable with the flags below); ``--reserve`` adds
+a margin on top (allocator fragmentation, CUDA context, communication buffers).
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from launch import tp as tensor_parallel  # noqa: E402
+from launch.activations import Activations, activation_bytes  # noqa: E402
 from launch.config import ConfigError, load_config  # noqa: E402
 from launch.model import build_model  # noqa: E402
 from launch.optim import DTYPES, param_groups  # noqa: E402
+from launch.schema import activation_every  # noqa: E402
 from zero_adam.memory import FIELDS, Estimate, bare_plan, estimate, plan_params  # noqa: E402
 from zero_adam.options import ShardingOptions  # noqa: E402
 from zero_adam.plan import Plan  # noqa: E402
@@ -43,7 +48,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--config", help="a launch YAML (its model and optim sections are used)")
     src.add_argument("--params", type=float, help="a bare parameter count, e.g. 7.5e9")
     p.add_argument("--world-size", type=int, required=True, help="data-parallel ranks N")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree T (default 1)")
+    p.add_argument("--tp", type=int, help="tensor-parallel degree T (default: the config's parallel.tp)")
     p.add_argument("--stage", type=int, choices=[1, 2], help="default: the config's optim.stage, else 2")
     p.add_argument("--offload", choices=["cpu"], help="optimizer state in host memory")
     p.add_argument("--master", choices=["fp32", "remainder"], default="fp32")
@@ -51,18 +56,28 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reduce-dtype", choices=list(DTYPES), help="default: the config's, else float32")
     p.add_argument("--grad-dtype", choices=list(DTYPES), help="gradient shard dtype (default float32)")
     p.add_argument("--gpu-mem", type=float, help="GiB per GPU: say whether it fits and what would")
-    p.add_argument("--reserve", type=float, default=0.0, help="GiB per GPU kept for activations etc.")
+    p.add_argument("--reserve", type=float, default=0.0,
+                   help="GiB per GPU kept free on top of the plan (CUDA context, fragmentation)")
+    p.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: the config's)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's)")
+    p.add_argument("--activation-checkpointing", metavar="none|full|every:K",
+                   help="default: the config's train.activation_checkpointing")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     for flag, v in (("--world-size", a.world_size), ("--tp", a.tp)):
-        if v < 1:
+        if v is not None and v < 1:
             p.error(f"{flag} must be a positive integer, got {v}")
     if a.params is not None and not 1 <= a.params < 1e15:
         p.error(f"--params must be a positive parameter count such as 7.5e9, got {a.params:g}")
     if a.gpu_mem is not None and a.gpu_mem <= 0:
         p.error(f"--gpu-mem must be positive GiB, got {a.gpu_mem}")
-    if a.params is not None and a.tp > 1:
+    if a.params is not None and (a.tp or 1) > 1:
         p.error("--tp needs --config (which weights split across TP ranks depends on the model)")
+    for flag, v in (("--micro-batch", a.micro_batch), ("--seq-len", a.seq_len)):
+        if v is not None and v < 1:
+            p.error(f"{flag} must be a positive integer, got {v}")
+    if a.activation_checkpointing is not None and activation_every(a.activation_checkpointing) is None:
+        p.error(f"--activation-checkpointing {a.activation_checkpointing}: expected none, full or every:K")
     return a
 
 
@@ -72,6 +87,7 @@ class Planner:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
         self.cfg = load_config(a.config) if a.config else None
+        a.tp = a.tp or (self.cfg.parallel.tp if self.cfg else 1)
         o = self.cfg.optim if self.cfg else None
         self.stage = a.stage or (o.stage if o else 2)
         self.param_dtype = DTYPES[a.param_dtype or (o.param_dtype if o and o.param_dtype else "bfloat16")]
@@ -79,6 +95,22 @@ class Planner:
         self.grad_dtype = DTYPES[a.grad_dtype] if a.grad_dtype else None
         self.bucket_mb = o.bucket_mb if o else 25.0
         self._plans: dict[int, Plan] = {}
+        t = self.cfg.train if self.cfg else None
+        self.micro_batch = a.micro_batch or (t.micro_batch if t else None)
+        self.seq_len = a.seq_len or (t.seq_len if t else None)
+        self.ac = a.activation_checkpointing or (t.activation_checkpointing if t else "none")
+
+    def activations(self, tp: int) -> Activations | None:
+        """Per-rank activation peak for the built-in Llama (None for --params or a transformers model)."""
+        if self.cfg is None or self.cfg.model.hf_config:
+            return None
+        return activation_bytes(self.cfg.model, micro_batch=self.micro_batch, seq_len=self.seq_len, tp=tp,
+                                checkpoint_every=activation_every(self.ac), dtype=self.param_dtype)
+
+    def peak(self, e: Estimate, tp: int) -> int:
+        """Bytes one GPU needs at its peak: the estimate's device total plus activations."""
+        acts = self.activations(tp)
+        return e.device.total + (acts.total if acts else 0)
 
     def plan(self, tp: int) -> Plan:
         if tp not in self._plans:
@@ -90,9 +122,6 @@ class Planner:
             numel = ShardingOptions(bucket_mb=self.bucket_mb, reduce_dtype=self.reduce_dtype).bucket_numel
             return bare_plan(self.a.params, dtype=self.param_dtype, bucket_numel=numel)
         problems = tensor_parallel.check(self.cfg.model, tp)
-        if tp > 1 and self.cfg.model.hf_config:
-            problems.append(f"--tp {tp}: the tensor-parallel plan (launch/tp.py) is for the built-in Llama, "
-                            f"not model.hf_config={self.cfg.model.hf_config}")
         if problems:
             raise PlanError("; ".join(problems))
         with torch.device("meta"):
@@ -106,22 +135,32 @@ class Planner:
                         grad_dtype=self.grad_dtype, master=self.a.master, offload=offload)
 
     def smallest_fit(self, budget: float) -> dict | None:
-        """Fewest GPUs (then no offload, then stage 1) whose device bytes fit ``budget``."""
+        """Fewest GPUs (then no offload, then stage 1, then the config's activation checkpointing
+        before full) whose per-GPU peak fits ``budget``."""
         builtin = self.cfg is not None and not self.cfg.model.hf_config
         tps = [t for t in (1, 2, 4, 8, 16)
                if t == 1 or (builtin and not tensor_parallel.check(self.cfg.model, t))]
+        acs = [self.ac] + (["full"] if builtin and self.ac != "full" else [])
         options = []
-        for tp in tps:
-            for n in (2 ** k for k in range(0, 14)):
-                for offload in (None, "cpu"):
-                    for stage in (1, 2):
-                        if self.estimate(n, tp, stage, offload).device.total <= budget:
-                            options.append((n * tp, offload is not None, stage, n, tp, offload))
-                            break
+        configured = self.ac
+        try:
+            for ac_rank, ac in enumerate(acs):
+                self.ac = ac
+                for tp in tps:
+                    for n in (2 ** k for k in range(0, 14)):
+                        for offload in (None, "cpu"):
+                            for stage in (1, 2):
+                                if self.peak(self.estimate(n, tp, stage, offload), tp) <= budget:
+                                    options.append((n * tp, offload is not None, stage, ac_rank, n, tp,
+                                                    offload, ac))
+                                    break
+        finally:
+            self.ac = configured
         if not options:
             return None
-        gpus, _, stage, n, tp, offload = min(options)
-        return {"world_size": n, "tp": tp, "stage": stage, "offload": offload, "gpus": gpus}
+        gpus, _, stage, _, n, tp, offload, ac = min(options)
+        return {"world_size": n, "tp": tp, "stage": stage, "offload": offload, "gpus": gpus,
+                "activation_checkpointing": ac}
 
 
 def render(a: argparse.Namespace, pl: Planner, e: Estimate, fits: bool | None, best: dict | None) -> str:
@@ -146,16 +185,33 @@ def render(a: argparse.Namespace, pl: Planner, e: Estimate, fits: bool | None, b
     ddp = pl.estimate(1, a.tp, 1, None).device
     lines.append(f"{'no sharding':<14}{ddp.model_states / GIB:>10.2f}  (DDP + AdamW with an FP32 master, "
                  f"the same model states unsharded; decimal GB {ddp.model_states / 1e9:.1f})")
+    acts = pl.activations(a.tp)
+    if acts is not None:
+        lines.append(f"{'activations':<14}{acts.total / GIB:>10.2f}{acts.total:>20,}  (micro-batch "
+                     f"{pl.micro_batch} x {pl.seq_len} tokens, activation checkpointing {pl.ac}: stored "
+                     f"blocks {acts.blocks / GIB:.2f} + max(head {acts.head / GIB:.2f}, recompute "
+                     f"{acts.recompute / GIB:.2f}) GiB)")
+        lines.append(f"{'peak':<14}{pl.peak(e, a.tp) / GIB:>10.2f}{pl.peak(e, a.tp):>20,}")
+    else:
+        lines.append("activations: not counted (built-in Llama configs only); keep them in --reserve")
     if a.gpu_mem is not None:
         lines.append("")
-        need = e.device.total / GIB + a.reserve
+        need = pl.peak(e, a.tp) / GIB + a.reserve
         lines.append(f"{'fits' if fits else 'does NOT fit'} in {a.gpu_mem:g} GiB per GPU "
                      f"(needs {need:.1f} GiB incl. {a.reserve:g} GiB reserve)")
         if not fits:
-            lines.append("smallest that fits: " + (
-                f"N={best['world_size']} x TP={best['tp']} ({best['gpus']} GPUs), stage {best['stage']}"
-                + (", offload cpu" if best["offload"] else "") if best else "nothing up to 8192 x 16 GPUs"))
+            lines.append("smallest that fits: " + (_describe(best, pl.ac) if best else
+                                                   "nothing up to 8192 x 16 GPUs"))
     return "\n".join(lines)
+
+
+def _describe(best: dict, configured_ac: str) -> str:
+    text = f"N={best['world_size']} x TP={best['tp']} ({best['gpus']} GPUs), stage {best['stage']}"
+    if best["offload"]:
+        text += ", offload cpu"
+    if best["activation_checkpointing"] != configured_ac:
+        text += f", activation checkpointing {best['activation_checkpointing']}"
+    return text
 
 
 def _model_params(pl: Planner) -> int:
@@ -169,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         pl = Planner(a)
         e = pl.estimate(a.world_size, a.tp, pl.stage, a.offload)
         budget = (a.gpu_mem - a.reserve) * GIB if a.gpu_mem is not None else None
-        fits = None if budget is None else e.device.total <= budget
+        fits = None if budget is None else pl.peak(e, a.tp) <= budget
         best = pl.smallest_fit(budget) if budget is not None and not fits else None
     except (ConfigError, PlanError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -178,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         out = {"params": int(a.params) if pl.cfg is None else _model_params(pl),
                "per_rank_bytes": e.device.as_dict(), "host_bytes": e.host.as_dict(),
                "model_states_bytes": e.device.model_states,
+               "activation_bytes": (acts := pl.activations(a.tp)) and acts.as_dict(),
+               "peak_bytes": pl.peak(e, a.tp),
                "unsharded_model_states_bytes": pl.estimate(1, a.tp, 1, None).device.model_states,
                "world_size": a.world_size, "tp": a.tp,
                "stage": pl.stage, "offload": a.offload, "fits": fits, "smallest_fit": best}

@@ -68,16 +68,43 @@ def test_zero_paper_figure_1():
 
 
 def test_llama3_70b_needs_tensor_parallelism_or_offload():
-    dp = json.loads(plan_cli("--config", "configs/llama3_70b.yaml", "--world-size", "64", "--gpu-mem", "80",
-                             "--json").stdout)
+    dp = json.loads(plan_cli("--config", "configs/llama3_70b.yaml", "--world-size", "64", "--tp", "1",
+                             "--gpu-mem", "80", "--json").stdout)
     assert dp["params"] == 70_553_706_496
     assert dp["per_rank_bytes"]["params"] == 2 * 70_553_706_496, "ZeRO-1/2 keep the full bf16 params"
     assert dp["fits"] is False and dp["smallest_fit"]["gpus"] <= 64
     tp = json.loads(plan_cli("--config", "configs/llama3_70b.yaml", "--world-size", "16", "--tp", "8",
                              "--gpu-mem", "80", "--json").stdout)
     assert tp["fits"] is True and tp["per_rank_bytes"]["total"] < 30 * 2**30
-    text = plan_cli("--config", "configs/llama3_70b.yaml", "--world-size", "64", "--gpu-mem", "80").stdout
+    text = plan_cli("--config", "configs/llama3_70b.yaml", "--world-size", "64", "--tp", "1",
+                    "--gpu-mem", "80").stdout
     assert "does NOT fit in 80 GiB" in text and "smallest that fits:" in text
+
+
+def test_shipped_llama3_70b_config_fits_80_gib_with_activations():
+    """The config's own parallel.tp and activation checkpointing, at the world size its header names."""
+    plan = json.loads(plan_cli("--config", "configs/llama3_70b.yaml", "--world-size", "16", "--gpu-mem", "80",
+                               "--json").stdout)
+    acts = plan["activation_bytes"]
+    assert plan["tp"] == 8 and plan["fits"] is True
+    assert plan["peak_bytes"] == plan["per_rank_bytes"]["total"] + acts["total"] < 80 * 2**30
+    assert acts["blocks"] == 80 * 8192 * 8192 * 2, "full checkpointing keeps each block's bf16 input"
+    header = (ROOT / "configs/llama3_70b.yaml").read_text()
+    assert f"peak {plan['peak_bytes'] / 2**30:.2f} GiB" in header
+    no_ac = json.loads(plan_cli("--config", "configs/llama3_70b.yaml", "--world-size", "16",
+                                "--gpu-mem", "80", "--activation-checkpointing", "none", "--json").stdout)
+    assert no_ac["fits"] is False and no_ac["activation_bytes"]["total"] > 100 * 2**30
+
+
+def test_activation_estimate_matches_a_measured_2_rank_peak():
+    """One configuration of bench/activation_check.py (DP 1 x TP 2, fp32, no checkpointing): the
+    planner's peak (model states + buffers + activations) against the measured peak RSS growth."""
+    run = subprocess.run([sys.executable, "bench/activation_check.py", "--runs", "fp32-tp2", "bf16-every2"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ratios = [float(line.rsplit("|", 2)[1]) for line in run.stdout.splitlines()
+              if line.startswith(("| fp32-tp2", "| bf16-every2"))]
+    assert len(ratios) == 2 and all(0.9 <= r <= 1.1 for r in ratios), run.stdout
 
 
 def test_offload_moves_optimizer_state_to_the_host():
