@@ -78,7 +78,8 @@ def worker(option: str, out: str) -> None:
         opt.zero_grad()
     gc.collect()
     grown = rss() - before
-    plan = plan_params(Llama(MODEL).to("meta").parameters(), param_dtype=dtype)
+    plan = plan_params(Llama(MODEL).to("meta").parameters(), param_dtype=dtype,
+                       world_size=dist.get_world_size())
     e = estimate(plan, dist.get_world_size(), stage=kw["stage"], master=kw.get("master", "fp32")).device
     got = opt.memory_report()
     row = {"rank": dist.get_rank(), "report": got, "plan": {f: getattr(e, f) for f in FIELDS},

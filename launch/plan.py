@@ -30,9 +30,9 @@ from launch.config import ConfigError, load_config  # noqa: E402
 from launch.model import build_model  # noqa: E402
 from launch.optim import DTYPES, param_groups  # noqa: E402
 from launch.schema import activation_every  # noqa: E402
-from zero_adam.memory import FIELDS, Estimate, bare_plan, estimate, plan_params  # noqa: E402
+from zero_adam.memory import FIELDS, Estimate, bare_plan, estimate  # noqa: E402
 from zero_adam.options import ShardingOptions  # noqa: E402
-from zero_adam.plan import Plan  # noqa: E402
+from zero_adam.plan import Plan, build_plan, trainable_specs  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -94,7 +94,9 @@ class Planner:
         self.reduce_dtype = DTYPES[a.reduce_dtype or (o.reduce_dtype if o else "float32")]
         self.grad_dtype = DTYPES[a.grad_dtype] if a.grad_dtype else None
         self.bucket_mb = o.bucket_mb if o else 25.0
-        self._plans: dict[int, Plan] = {}
+        self._plans: dict[tuple[int, int], Plan] = {}
+        self._specs: dict[int, list] = {}
+        self._acts: dict[tuple[int, str], Activations] = {}
         t = self.cfg.train if self.cfg else None
         self.micro_batch = a.micro_batch or (t.micro_batch if t else None)
         self.seq_len = a.seq_len or (t.seq_len if t else None)
@@ -104,35 +106,44 @@ class Planner:
         """Per-rank activation peak for the built-in Llama (None for --params or a transformers model)."""
         if self.cfg is None or self.cfg.model.hf_config:
             return None
-        return activation_bytes(self.cfg.model, micro_batch=self.micro_batch, seq_len=self.seq_len, tp=tp,
-                                checkpoint_every=activation_every(self.ac), dtype=self.param_dtype)
+        key = (tp, self.ac)
+        if key not in self._acts:
+            self._acts[key] = activation_bytes(
+                self.cfg.model, micro_batch=self.micro_batch, seq_len=self.seq_len, tp=tp,
+                checkpoint_every=activation_every(self.ac), dtype=self.param_dtype)
+        return self._acts[key]
 
     def peak(self, e: Estimate, tp: int) -> int:
         """Bytes one GPU needs at its peak: the estimate's device total plus activations."""
         acts = self.activations(tp)
         return e.device.total + (acts.total if acts else 0)
 
-    def plan(self, tp: int) -> Plan:
-        if tp not in self._plans:
-            self._plans[tp] = self._build(tp)
-        return self._plans[tp]
+    def plan(self, tp: int, n: int) -> Plan:
+        """The runtime's plan at N data-parallel ranks (N cuts parameters larger than a bucket)."""
+        if (tp, n) not in self._plans:
+            self._plans[tp, n] = self._build(tp, n)
+        return self._plans[tp, n]
 
-    def _build(self, tp: int) -> Plan:
+    def _build(self, tp: int, n: int) -> Plan:
+        numel = ShardingOptions(bucket_mb=self.bucket_mb, reduce_dtype=self.reduce_dtype,
+                                param_dtype=self.param_dtype).bucket_numel
         if self.cfg is None:
-            numel = ShardingOptions(bucket_mb=self.bucket_mb, reduce_dtype=self.reduce_dtype).bucket_numel
             return bare_plan(self.a.params, dtype=self.param_dtype, bucket_numel=numel)
-        problems = tensor_parallel.check(self.cfg.model, tp)
-        if problems:
-            raise PlanError("; ".join(problems))
-        with torch.device("meta"):
-            model = build_model(self.cfg.model)
-        return plan_params(param_groups(model, self.cfg.optim), param_dtype=self.param_dtype,
-                           bucket_mb=self.bucket_mb, reduce_dtype=self.reduce_dtype,
-                           tp_rule=lambda name, shape: tensor_parallel.local_shape(name, shape, tp))
+        if tp not in self._specs:
+            problems = tensor_parallel.check(self.cfg.model, tp)
+            if problems:
+                raise PlanError("; ".join(problems))
+            with torch.device("meta"):
+                model = build_model(self.cfg.model)
+            groups = torch.optim.Optimizer(param_groups(model, self.cfg.optim), {}).param_groups
+            self._specs[tp] = trainable_specs(
+                groups, self.param_dtype, lambda name, shape: tensor_parallel.local_shape(name, shape, tp))[1]
+        return build_plan(self._specs[tp], bucket_numel=numel, world_size=n)
 
     def estimate(self, n: int, tp: int, stage: int, offload: str | None) -> Estimate:
-        return estimate(self.plan(tp), n, stage=stage, reduce_dtype=self.reduce_dtype,
-                        grad_dtype=self.grad_dtype, master=self.a.master, offload=offload)
+        return estimate(self.plan(tp, n), n, stage=stage, reduce_dtype=self.reduce_dtype,
+                        grad_dtype=self.grad_dtype, master=self.a.master, offload=offload,
+                        accumulate=self.cfg.optim.accumulate if self.cfg else None)
 
     def smallest_fit(self, budget: float) -> dict | None:
         """Fewest GPUs (then no offload, then stage 1, then the config's activation checkpointing
@@ -164,7 +175,7 @@ class Planner:
 
 
 def render(a: argparse.Namespace, pl: Planner, e: Estimate, fits: bool | None, best: dict | None) -> str:
-    plan = pl.plan(a.tp)
+    plan = pl.plan(a.tp, a.world_size)
     padding = sum(plan.padding(b, a.world_size) for b in plan.buckets)
     total_params = e.n_params * a.tp if pl.cfg is None else _model_params(pl)
     what = a.config or f"{a.params:.3g} parameters"

@@ -108,8 +108,8 @@ def run_parity(case: dict, group=None) -> dict:
 def _bytes_vs_plan(opt: ZeroAdamW, case: dict, ws: int, bf16: bool) -> dict:
     """This rank's optimizer tensors (measured) next to the planner's per-rank figures."""
     plan = plan_params(named_groups(make_model().to("meta")), bucket_mb=0.004,
-                       param_dtype=torch.bfloat16 if bf16 else None)
-    e = estimate(plan, ws, stage=case["stage"]).device
+                       param_dtype=torch.bfloat16 if bf16 else None, world_size=ws)
+    e = estimate(plan, ws, stage=case["stage"], accumulate=case.get("accumulate")).device
     got = opt.memory_report()
     return {f: [got[f], getattr(e, f)] for f in FIELDS}
 
@@ -156,8 +156,8 @@ def _full_masters(opt, group) -> list[torch.Tensor]:
             full.copy_(master)
         else:
             dist.all_gather_single(full, master.contiguous(), group=group)
-        for s in fb.bucket.slots:
-            out[s.param].copy_(full[s.offset:s.offset + s.numel].view(out[s.param].shape))
+        for s in fb.bucket.slots:   # a chunk of a split parameter fills its element range
+            out[s.param].view(-1)[s.start:s.start + s.numel].copy_(full[s.offset:s.offset + s.numel])
     return out
 
 

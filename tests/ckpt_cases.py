@@ -52,9 +52,10 @@ def full_state(opt, group) -> dict:
         for kind, shard in kinds:
             full = shard.new_empty(fb.param_buffer.numel())
             dist.all_gather_single(full, shard.contiguous(), group=group)
-            for s in fb.bucket.slots:
+            for s in fb.bucket.slots:   # a chunk of a cut parameter fills its element range
                 spec = opt.plan.params[s.param]
-                out[f"{kind}/{spec.key}"] = full[s.offset:s.offset + s.numel].view(spec.shape).clone()
+                dst = out.setdefault(f"{kind}/{spec.key}", full.new_empty(spec.shape))
+                dst.view(-1)[s.start:s.start + s.numel].copy_(full[s.offset:s.offset + s.numel])
     out["step"] = opt.buckets[0].step.clone()
     return out
 

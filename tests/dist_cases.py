@@ -145,7 +145,7 @@ def _saved_fraction(group, stage: int) -> float:
     buffer) over the unsharded AdamW state (12 bytes per parameter)."""
     import io
     model = make_model()
-    opt = ZeroAdamW(named_groups(model), process_group=group, stage=stage, bucket_mb=0.004)
+    opt = ZeroAdamW(named_groups(model), process_group=group, stage=stage)  # one bucket per group
     loss_fn(model, *batch(0, MICRO)).backward()
     opt.step()
     buf = io.BytesIO()

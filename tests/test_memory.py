@@ -129,3 +129,33 @@ def test_offload_moves_optimizer_state_to_the_host():
 def test_bad_planner_arguments_exit_2_without_traceback(args, expected):
     run = plan_cli(*args, ok=False)
     assert run.returncode == 2 and expected in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_large_parameters_are_cut_so_stage2_buffers_stay_bucket_sized():
+    """An embedding and a head 80x a bucket: chunks of their own buckets, AdamW's result, and the
+    stage-2 gradient buffers bounded by the bucket size, not by the largest parameter."""
+    import copy
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(5000, 16), torch.nn.Linear(16, 5000))
+    ref = copy.deepcopy(model)
+    opt = ZeroAdamW(model.named_parameters(), lr=1e-2, bucket_mb=0.004)   # 1048 elements per bucket
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    assert max(b.numel for b in opt.plan.buckets) <= 1048 and len(opt.plan.split_params()) == 3
+    for step in range(3):
+        x = torch.randint(0, 5000, (8, 7), generator=torch.Generator().manual_seed(step))
+        for m, o in ((model, opt), (ref, ref_opt)):
+            torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.flatten()).backward()
+            o.step()
+            o.zero_grad()
+    assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), ref.parameters())) < 1e-6
+    plan = plan_params(model.named_parameters(), bucket_mb=0.004)
+    bound = estimate(plan, 1).device.buffers
+    assert opt.memory_report()["buffers"] <= bound <= 4 * 1048 * 4
+    opt.close()
+
+
+def test_llama3_70b_stage2_buffers_under_1_gib_at_n64_tp1():
+    """Its 1.05B-element embedding and head used to get one bucket each: 9.58 GiB of buffers."""
+    plan = json.loads(plan_cli("--config", "configs/llama3_70b.yaml", "--world-size", "64", "--tp", "1",
+                               "--json").stdout)
+    assert plan["per_rank_bytes"]["buffers"] <= 2**30

@@ -72,12 +72,23 @@ def test_buckets_split_by_group_and_dtype_and_respect_cap():
     assert sorted(x.param for b in plan.buckets for x in b.slots) == [0, 1, 2, 3]
 
 
-def test_large_param_gets_its_own_bucket_and_order_follows_backward():
-    plan = build_plan(specs([(10,), (500,), (10,), (10,)]), bucket_numel=100)
+def test_large_param_is_cut_into_chunk_buckets_and_order_follows_backward():
+    plan = build_plan(specs([(10,), (500,), (10,), (10,)]), bucket_numel=100, align=8, world_size=3)
     members = [[s.param for s in b.slots] for b in plan.buckets]
-    assert members == [[3, 2], [1], [0]], "reverse registration order, big param alone"
-    offsets = [s.offset for s in plan.buckets[0].slots]
-    assert offsets == [0, 10]
+    assert members == [[3, 2]] + [[1]] * 6 + [[0]], "reverse registration order, big param in chunks"
+    assert [s.offset for s in plan.buckets[0].slots] == [0, 10]
+    chunks = [b.slots[0] for b in plan.buckets[1:7]]
+    assert [(c.start, c.numel) for c in chunks] == [(0, 96), (96, 96), (192, 96), (288, 96), (384, 96),
+                                                   (480, 20)], "multiples of N x align, in order"
+    assert all(plan.padding(b, 3) == 0 for b in plan.buckets[1:6]) and plan.padding(plan.buckets[6], 3) == 4
+    split = plan.split_params()
+    assert list(split) == [1] and plan.storage_numel(split[1]) == 480 + 24
+    covered = sorted((p.param_lo, p.param_hi) for b in plan.buckets[1:7] for r in range(3)
+                     for p in plan.pieces(b, r, 3))
+    assert covered[0][0] == 0 and covered[-1][1] == 500
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:])), "every element owned once"
+    with pytest.raises(ValueError, match="build it for world_size=2"):
+        plan.check_world(2)
 
 
 def test_fingerprint_changes_with_shape_name_or_dtype():

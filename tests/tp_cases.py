@@ -49,7 +49,7 @@ def tp_dp(stage: int) -> dict:
         for p, q in zip(model.parameters(), ref.parameters()):
             full = p.full_tensor() if hasattr(p, "full_tensor") else p
             out["param"] = max(out["param"], (full.detach() - q.detach()).abs().max().item())
-    planned = plan_params(param_groups(Llama(CFG).to("meta"), optim_cfg), bucket_mb=0.001,
+    planned = plan_params(param_groups(Llama(CFG).to("meta"), optim_cfg), bucket_mb=0.001, world_size=2,
                           tp_rule=lambda n, s: tp.local_shape(n, s, 2))
     out["plan_matches"] = planned.fingerprint() == opt.plan.fingerprint()
     e = estimate(planned, 2, stage=stage).device

@@ -31,21 +31,29 @@ def bucket_reduce_dtype(param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> 
 
 
 class BufferPool:
-    """Reuses bucket-sized gradient buffers (stage 2) instead of returning them to the allocator:
-    a fresh multi-MB allocation costs a page fault per 4 KiB on first touch, every step."""
+    """Reuses gradient buffers (stage 2) instead of returning them to the allocator: a fresh
+    multi-MB allocation costs a page fault per 4 KiB on first touch, every step. A request takes
+    the smallest free buffer that holds it (as a view); when none does, the largest smaller free
+    buffer is dropped first, so the pool never holds more buffers than were in use at once."""
 
     def __init__(self) -> None:
-        self._free: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
+        self._free: list[torch.Tensor] = []
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        free = self._free.get((numel, dtype, device))
-        return free.pop() if free else torch.empty(numel, dtype=dtype, device=device)
+        same = [i for i, t in enumerate(self._free) if t.dtype == dtype and t.device == device]
+        fits = [i for i in same if self._free[i].numel() >= numel]
+        if fits:
+            best = min(fits, key=lambda i: self._free[i].numel())
+            return self._free.pop(best)[:numel]
+        if same:
+            self._free.pop(max(same, key=lambda i: self._free[i].numel()))
+        return torch.empty(numel, dtype=dtype, device=device)
 
     def give(self, t: torch.Tensor) -> None:
-        self._free.setdefault((t.numel(), t.dtype, t.device), []).append(t)
+        self._free.append(t if t._base is None else t._base)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in self._free.values() for t in ts)
+        return sum(t.numel() * t.element_size() for t in self._free)
 
 
 class FlatBucket:
@@ -55,9 +63,10 @@ class FlatBucket:
         self, plan: Plan, bucket: Bucket, params: Sequence[torch.Tensor], *, rank: int,
         world_size: int, device: torch.device, reduce_dtype: torch.dtype, keep_full_grad: bool,
         amsgrad: bool, pool: BufferPool | None = None, grad_dtype: torch.dtype | None = None,
-        master: str = "fp32", offload: str | None = None,
+        master: str = "fp32", offload: str | None = None, storage: torch.Tensor | None = None,
     ) -> None:
         self.bucket = bucket
+        self.chunk = storage is not None   # one chunk of a parameter cut across buckets
         self.params = list(params)
         self.keys = [plan.params[s.param].key for s in bucket.slots]
         self.lo, self.hi = plan.shard_range(bucket, rank, world_size)
@@ -68,7 +77,11 @@ class FlatBucket:
         self.offloaded = offload == "cpu"
         self.state_device = torch.device("cpu") if self.offloaded else device
         pin = self.state_device.type == "cpu" and device.type == "cuda"
-        self.param_buffer = torch.zeros(padded, dtype=bucket.dtype, device=device)
+        if storage is None:
+            self.param_buffer = torch.zeros(padded, dtype=bucket.dtype, device=device)
+        else:   # a window of the parameter's own buffer (the optimizer rebinds it after all chunks)
+            start = bucket.slots[0].start
+            self.param_buffer = storage[start:start + padded]
         self.param_shard = self.param_buffer[self.lo:self.hi]
         own = mdtype == bucket.dtype and offload is None  # wide params are their own master
         initial = None if own else self._initial(plan, rank, world_size)
@@ -148,8 +161,10 @@ class FlatBucket:
     def _bind_params(self) -> None:
         for slot, p in zip(self.bucket.slots, self.params):
             view = self.param_buffer[slot.offset:slot.offset + slot.numel]
-            view.copy_(cast_param(local(p).detach().reshape(-1), view.dtype))
-            rebind(p, view)
+            src = local(p).detach().reshape(-1)[slot.start:slot.start + slot.numel]
+            view.copy_(cast_param(src, view.dtype))
+            if not self.chunk:
+                rebind(p, view)
 
     # -- gradients ------------------------------------------------------------------------------
     @property
@@ -181,10 +196,11 @@ class FlatBucket:
         """Copy (first contribution in this local window) or add a parameter's gradient."""
         slot = self.bucket.slots[slot_index]
         view = self.full_grad_buffer()[slot.offset:slot.offset + slot.numel]
+        part = grad.reshape(-1)[slot.start:slot.start + slot.numel]
         if first:
-            view.copy_(grad.reshape(-1))
+            view.copy_(part)
         else:
-            view.add_(grad.reshape(-1))
+            view.add_(part)
 
     def zero_slots(self, slot_indices: Sequence[int]) -> None:
         """Params that got no gradient in this local window contribute zeros."""
@@ -219,7 +235,8 @@ class FlatBucket:
         """Fail loudly if a param was moved or replaced after the optimizer bound it."""
         for slot, p in zip(self.bucket.slots, self.params):
             view = self.param_buffer[slot.offset:slot.offset + slot.numel]
-            if local(p).data_ptr() != view.data_ptr() or local(p).dtype != view.dtype:
+            expected = view.data_ptr() - slot.start * view.element_size()
+            if local(p).data_ptr() != expected or local(p).dtype != view.dtype:
                 raise RuntimeError(
                     "a parameter was moved, cast or replaced after ZeroAdamW was created (for "
                     "example by model.to(), model.half() or assigning param.data); its values now "

@@ -84,12 +84,13 @@ class _Track:
         return self.state is BucketState.FILLING and self.expected is not None and self.missing == 0
 
 
-def _hook(sync_ref: weakref.ref, bi: int, si: int) -> Callable[[torch.Tensor], None]:
-    """The hook holds the GradSync weakly: a dropped optimizer never keeps receiving gradients."""
+def _hook(sync_ref: weakref.ref, targets: list[tuple[int, int]]) -> Callable[[torch.Tensor], None]:
+    """The hook holds the GradSync weakly: a dropped optimizer never keeps receiving gradients.
+    ``targets``: the (bucket, slot) pairs of the parameter (several for one cut into chunks)."""
     def hook(param: torch.Tensor) -> None:
         sync = sync_ref()
         if sync is not None:
-            sync._on_grad(bi, si, param)
+            sync._on_grad(targets, param)
     return hook
 
 
@@ -109,6 +110,7 @@ class GradSync:
         self.touched: set[int] = set()      # buckets that received a gradient since reset()
         self.handles: list = []             # hook handles (removed by close() / the finalizer)
         self._inflight: list[int] = []
+        self._deferred: dict[int, tuple[int, torch.Tensor]] = {}   # chunk bucket -> (slot, gradient)
         self._next = 0                # next bucket to launch in the current pass
         self._pass = 0                # backward passes seen (one round of reductions each)
         self._no_sync_depth = 0
@@ -118,12 +120,15 @@ class GradSync:
     def add_buckets(self, buckets: Sequence[FlatBucket]) -> None:
         """Hook the parameters of new buckets (``add_param_group``); they join from the next pass."""
         ref = weakref.ref(self)
+        targets: dict[int, tuple[torch.Tensor, list[tuple[int, int]]]] = {}
         for fb in buckets:
             bi = len(self.buckets)
             self.buckets.append(fb)
             self.tracks.append(_Track(len(fb.bucket.slots), assume_once=self.accumulate == "shard"))
             for si, p in enumerate(fb.params):
-                self.handles.append(p.register_post_accumulate_grad_hook(_hook(ref, bi, si)))
+                targets.setdefault(id(p), (p, []))[1].append((bi, si))
+        for p, where in targets.values():
+            self.handles.append(p.register_post_accumulate_grad_hook(_hook(ref, where)))
 
     # -- public --------------------------------------------------------------------------------
     @property
@@ -176,6 +181,7 @@ class GradSync:
             t.written = [False] * len(t.written)
         self.touched.clear()
         self._inflight.clear()
+        self._deferred.clear()
         self._next = 0
 
     def close(self) -> None:
@@ -183,24 +189,35 @@ class GradSync:
         self.watch.close()
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _on_grad(self, bi: int, si: int, param: torch.Tensor) -> None:
+    def _on_grad(self, targets: list[tuple[int, int]], param: torch.Tensor) -> None:
         grad = param.grad
         if grad is None:
             return
         grad = local_grad(param, grad)
         if grad.layout != torch.strided:
-            raise ValueError(f"{self.buckets[bi].bucket.slots[si]} received a sparse gradient; "
-                             "ZeroAdamW needs dense gradients (use nn.Embedding(sparse=False))")
-        if self.on_grad is not None:
-            self.on_grad(bi, si)
+            raise ValueError(f"{self.buckets[targets[0][0]].keys[targets[0][1]]} received a sparse "
+                             "gradient; ZeroAdamW needs dense gradients (use nn.Embedding(sparse=False))")
         if self.watch.saw_gradient():
             self._begin_pass()
+        for bi, si in targets:   # chunk by chunk: each may launch before the next takes a buffer
+            self._deliver(bi, si, grad)
+        param.grad = None
+
+    def _deliver(self, bi: int, si: int, grad: torch.Tensor) -> None:
+        if self.on_grad is not None:
+            self.on_grad(bi, si)
         self.touched.add(bi)
-        t = self.tracks[bi]
+        t, fb = self.tracks[bi], self.buckets[bi]
         if t.state in (BucketState.REDUCING, BucketState.REDUCED):
             self._open_window(bi)
-        self.buckets[bi].put_grad(si, grad, first=not t.written[si])
-        param.grad = None
+        if fb.chunk and self._launching() and self._next < bi and not t.written[si]:
+            # a chunk that cannot be reduced yet (an earlier bucket is still filling): keep
+            # autograd's gradient instead of filling a buffer, so that the chunks of one large
+            # parameter never all hold buffers at once
+            self._deferred[bi] = (si, grad)
+        else:
+            self._materialize(bi)
+            fb.put_grad(si, grad, first=not t.written[si])
         t.written[si] = True
         t.arrive(si)
         if t.state is BucketState.IDLE:
@@ -233,10 +250,17 @@ class GradSync:
                 self._launch(self._next)
             self._next += 1
 
+    def _materialize(self, bi: int) -> None:
+        """Copy a deferred chunk gradient into the bucket's buffer (before it is reduced)."""
+        held = self._deferred.pop(bi, None)
+        if held is not None:
+            self.buckets[bi].put_grad(held[0], held[1], first=True)
+
     def _launch(self, bi: int) -> None:
         t, fb = self.tracks[bi], self.buckets[bi]
         if t.state in (BucketState.REDUCING, BucketState.REDUCED):
             self._open_window(bi)
+        self._materialize(bi)
         missing = [i for i, w in enumerate(t.written) if not w]
         if missing:
             fb.zero_slots(missing)

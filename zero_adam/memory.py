@@ -67,8 +67,10 @@ def _size(dtype: torch.dtype) -> int:
 def estimate(plan: Plan, world_size: int, *, stage: int = 2, reduce_dtype: torch.dtype = torch.float32,
              grad_dtype: torch.dtype | None = None, master: str = "fp32",
              moments_dtype: torch.dtype = torch.float32, amsgrad: bool = False, max_inflight: int = 2,
-             offload: str | None = None) -> Estimate:
-    """Bytes per rank for ``plan`` divided over ``world_size`` data-parallel ranks."""
+             offload: str | None = None, accumulate: str | None = None) -> Estimate:
+    """Bytes per rank for ``plan`` divided over ``world_size`` data-parallel ranks (a plan that cuts
+    large parameters must have been built for that world size)."""
+    plan.check_world(world_size)
     dev = dict.fromkeys(FIELDS, 0)
     host = dict.fromkeys(FIELDS, 0)
     state = host if offload == "cpu" else dev
@@ -100,7 +102,10 @@ def estimate(plan: Plan, world_size: int, *, stage: int = 2, reduce_dtype: torch
             max_shard_cast = max(max_shard_cast, shard * _size(mdtype))  # an FP32 temporary
     if stage == 2:
         everything = sorted((s for sizes in full_sizes.values() for s in sizes), reverse=True)
+        # 'local' accumulation keeps every bucket's full gradient through no_sync micro-steps
         live = min(len(everything), max_inflight + len(full_sizes))
+        if accumulate == "local":
+            live = len(everything)
         dev["buffers"] += sum(everything[:live])
     dev["buffers"] += max_shard_cast
     n = sum(p.numel for p in plan.params)
@@ -108,8 +113,9 @@ def estimate(plan: Plan, world_size: int, *, stage: int = 2, reduce_dtype: torch
 
 
 def plan_params(params, *, param_dtype: torch.dtype | None = None, bucket_mb: float = 25.0,
-                reduce_dtype: torch.dtype = torch.float32, tp_rule=None) -> Plan:
-    """The plan ``ZeroAdamW(params, ...)`` would build (works on ``meta`` tensors: no memory).
+                reduce_dtype: torch.dtype = torch.float32, tp_rule=None, world_size: int = 1) -> Plan:
+    """The plan ``ZeroAdamW(params, ...)`` would build on ``world_size`` data-parallel ranks (works
+    on ``meta`` tensors: no memory).
 
     ``params`` is anything ``torch.optim`` takes: parameters, ``named_parameters()`` or groups;
     ``tp_rule`` sizes a tensor-parallel run from full-size parameters (see ``trainable_specs``).
@@ -119,7 +125,7 @@ def plan_params(params, *, param_dtype: torch.dtype | None = None, bucket_mb: fl
     groups = torch.optim.Optimizer(params, {}).param_groups
     _, specs = trainable_specs(groups, param_dtype, tp_rule)
     opts = ShardingOptions(bucket_mb=bucket_mb, reduce_dtype=reduce_dtype, param_dtype=param_dtype)
-    return build_plan(specs, bucket_numel=opts.bucket_numel)
+    return build_plan(specs, bucket_numel=opts.bucket_numel, world_size=world_size)
 
 
 def bare_plan(n_params: float, *, dtype: torch.dtype, bucket_numel: int) -> Plan:

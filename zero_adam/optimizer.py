@@ -80,7 +80,8 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
         if self.options.master == "remainder" and any(s.dtype == torch.float16 for s in specs):
             raise ValueError("master='remainder' needs bf16 (or fp32) parameters; fp16 parameters "
                              "keep a 4-byte FP32 master (master='fp32')")
-        self.plan: Plan = build_plan(specs, bucket_numel=self.options.bucket_numel)
+        self.plan: Plan = build_plan(specs, bucket_numel=self.options.bucket_numel,
+                                     world_size=self.comm.world_size)
         validate.check_ranks_agree(self.comm, self._consistency_lines(), device)
         lifetime.claim(tensors, [s.key for s in specs], self)
         self._excluded = self._frozen_in_groups()
@@ -131,17 +132,25 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
                 for t in tensors:
                     self.comm.broadcast_(dtensor.local(t).data, src=0)
 
-    def _make_buckets(self, plan_buckets: Sequence[Any], tensors: list[torch.Tensor]) -> list[FlatBucket]:
-        """Buffers for ``plan_buckets``; ``tensors`` are indexed like ``self.plan.params``."""
+    def _make_buckets(self, plan_buckets: Sequence[Any], tensors: Any) -> list[FlatBucket]:
+        """Buffers for ``plan_buckets``; ``tensors`` are indexed like ``self.plan.params``. A
+        parameter cut into chunks gets one buffer that its chunk buckets' buffers tile."""
         amsgrad = any(g["amsgrad"] for g in self.param_groups)
+        ours = set(plan_buckets)
+        storage = {i: torch.zeros(self.plan.storage_numel(chunks), dtype=chunks[0].dtype, device=self._device)
+                   for i, chunks in self.plan.split_params().items() if chunks[0] in ours}
         with torch.no_grad():
-            return [FlatBucket(self.plan, b, [tensors[s.param] for s in b.slots], rank=self.comm.rank,
-                               world_size=self.comm.world_size, device=self._device,
-                               reduce_dtype=self.options.reduce_dtype,
-                               keep_full_grad=self.options.stage == 1, pool=self._pool,
-                               grad_dtype=self.options.grad_dtype, master=self.options.master,
-                               offload=self.options.offload, amsgrad=amsgrad)
-                    for b in plan_buckets]
+            out = [FlatBucket(self.plan, b, [tensors[s.param] for s in b.slots], rank=self.comm.rank,
+                              world_size=self.comm.world_size, device=self._device,
+                              reduce_dtype=self.options.reduce_dtype,
+                              keep_full_grad=self.options.stage == 1, pool=self._pool,
+                              grad_dtype=self.options.grad_dtype, master=self.options.master,
+                              offload=self.options.offload, amsgrad=amsgrad,
+                              storage=storage.get(b.slots[0].param))
+                   for b in plan_buckets]
+            for i, buf in storage.items():   # every chunk copied its part: now the param moves
+                dtensor.rebind(tensors[i], buf[:self.plan.params[i].numel])
+        return out
 
     # -- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:

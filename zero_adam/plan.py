@@ -3,9 +3,10 @@
 Pure (no processes, no tensors allocated), so the math is unit-tested directly and the memory planner
 uses exactly what the runtime uses. Two deliberate properties:
 
-* Bucket boundaries never depend on the world size. Only the final division of each (padded) bucket
-  into N equal shards does. The same model always yields the same buckets, which is what makes a
-  checkpoint keyed by (parameter name, element range) loadable on any number of ranks.
+* Bucket boundaries do not depend on the world size, with one exception: a parameter larger than a
+  bucket is cut into chunks of its own buckets, each a multiple of N x ``align`` elements (only the
+  last one padded), so that the chunks tile one contiguous parameter. Checkpoints are keyed by
+  (parameter name, element range), so they load on any number of ranks whatever the cut.
 * Each bucket is padded only at its end, so that it splits into N equal, ``align``-multiple shards
   that cross parameter boundaries freely: at most ``align`` padding elements per rank per bucket.
 """
@@ -13,7 +14,7 @@ uses exactly what the runtime uses. Two deliberate properties:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,11 +43,13 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class Slot:
-    """Where parameter ``param`` (an index into ``Plan.params``) lives inside its bucket."""
+    """Where parameter ``param`` (an index into ``Plan.params``) lives inside its bucket: elements
+    ``[start, start + numel)`` of the flattened parameter (all of it unless the parameter is split)."""
 
     param: int
     offset: int
     numel: int
+    start: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,25 @@ class Plan:
     params: tuple[ParamSpec, ...]
     buckets: tuple[Bucket, ...]
     align: int
+    world_size: int = 1    # the N that split parameters were cut for
+
+    def split_params(self) -> dict[int, list[Bucket]]:
+        """Parameters cut across several buckets -> their chunk buckets, in element order."""
+        out: dict[int, list[Bucket]] = {}
+        for b in self.buckets:
+            if b.slots[0].numel != self.params[b.slots[0].param].numel:
+                out.setdefault(b.slots[0].param, []).append(b)
+        return out
+
+    def storage_numel(self, chunks: Sequence[Bucket]) -> int:
+        """Elements of the one buffer a split parameter's chunk buckets tile (last chunk padded)."""
+        last = chunks[-1]
+        return last.slots[0].start + self.padded_numel(last, self.world_size)
+
+    def check_world(self, world_size: int) -> None:
+        if world_size != self.world_size and self.split_params():
+            raise ValueError(f"this plan cuts parameters larger than a bucket for {self.world_size} "
+                             f"ranks; build it for world_size={world_size}")
 
     def padded_numel(self, bucket: Bucket, world_size: int) -> int:
         unit = world_size * self.align
@@ -104,7 +126,7 @@ class Plan:
         for s in bucket.slots:
             a, b = max(lo, s.offset), min(hi, s.offset + s.numel)
             if a < b:
-                out.append(Piece(s.param, a - s.offset, b - s.offset, a - lo))
+                out.append(Piece(s.param, a - s.offset + s.start, b - s.offset + s.start, a - lo))
         return out
 
     def padding(self, bucket: Bucket, world_size: int) -> int:
@@ -121,7 +143,8 @@ class Plan:
             lines.append(f"param {p.key}: group {p.group}, shape {list(p.shape)}, {p.dtype}"
                          + (", TP-sharded" if p.tp_sharded else ""))
         for b in self.buckets:
-            keys = ",".join(self.params[s.param].key for s in b.slots)
+            keys = ",".join(self.params[s.param].key + (f"[{s.start}:{s.start + s.numel}]" if
+                            s.numel != self.params[s.param].numel else "") for s in b.slots)
             lines.append(f"bucket {b.index}: group {b.group}, {b.dtype}, {b.numel} elements [{keys}]")
         return lines
 
@@ -129,17 +152,17 @@ class Plan:
 def extend_plan(plan: Plan, params: Sequence[ParamSpec], *, bucket_numel: int) -> Plan:
     """``plan`` plus buckets for ``params`` (a param group added after construction), appended
     after the existing buckets so that nothing already sharded moves."""
-    more = build_plan(params, bucket_numel=bucket_numel, align=plan.align)
+    more = build_plan(params, bucket_numel=bucket_numel, align=plan.align, world_size=plan.world_size)
     n_params, n_buckets = len(plan.params), len(plan.buckets)
     shifted = tuple(
         Bucket(b.index + n_buckets, b.group, b.dtype,
-               tuple(Slot(s.param + n_params, s.offset, s.numel) for s in b.slots), b.tp_sharded)
+               tuple(Slot(s.param + n_params, s.offset, s.numel, s.start) for s in b.slots), b.tp_sharded)
         for b in more.buckets)
-    return Plan(plan.params + more.params, plan.buckets + shifted, plan.align)
+    return Plan(plan.params + more.params, plan.buckets + shifted, plan.align, plan.world_size)
 
 
 def build_plan(
-    params: Sequence[ParamSpec], *, bucket_numel: int, align: int = DEFAULT_ALIGN
+    params: Sequence[ParamSpec], *, bucket_numel: int, align: int = DEFAULT_ALIGN, world_size: int = 1
 ) -> Plan:
     """Group params into buckets of at most ``bucket_numel`` elements by (param group, dtype, and
     whether they are tensor-parallel shards: the gradient norm treats those differently).
@@ -147,12 +170,14 @@ def build_plan(
     Backward produces gradients roughly in reverse registration order, so each bucket is filled
     from the end of the parameter list, and buckets are ordered by when their *last* gradient is
     expected: the first bucket listed is the first one that can be reduced during backward. A param
-    larger than ``bucket_numel`` gets a bucket of its own (it is never split across buckets).
+    larger than ``bucket_numel`` is cut into chunks, one bucket each, of a multiple of
+    ``world_size x align`` elements: stage 2 then never holds a gradient buffer larger than a
+    bucket, whatever the largest parameter (a 70B model's embedding is 1.05B elements).
     """
     if bucket_numel < 1:
         raise ValueError(f"bucket size must be at least one element, got {bucket_numel}")
-    if align < 1:
-        raise ValueError(f"align must be positive, got {align}")
+    if align < 1 or world_size < 1:
+        raise ValueError(f"align and world_size must be positive, got {align} and {world_size}")
     keys = [p.key for p in params]
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
@@ -160,30 +185,46 @@ def build_plan(
     for p in params:
         if p.numel == 0:
             raise ValueError(f"parameter {p.key} has no elements (shape {list(p.shape)})")
+    unit = world_size * align
+    chunk = max(unit, bucket_numel // unit * unit)
 
-    drafts: list[tuple[int, int, torch.dtype, list[int], bool]] = []
-    for (group, dtype, sharded), members in _by_group_and_dtype(params).items():
-        current: list[int] = []
-        size = 0
-        for i in reversed(members):
-            n = params[i].numel
-            if current and size + n > bucket_numel:
-                drafts.append((-min(current), group, dtype, current, sharded))
-                current, size = [], 0
-            current.append(i)
-            size += n
-        if current:
-            drafts.append((-min(current), group, dtype, current, sharded))
-    drafts.sort(key=lambda d: (d[0], d[1]))
+    # a draft: (order key, group, dtype, [(param, start, numel)], tp-sharded)
+    drafts: list[tuple[int, int, torch.dtype, list[tuple[int, int, int]], bool]] = []
+    open_: dict[tuple[int, torch.dtype, bool], list[tuple[int, int, int]]] = {}
+    filled: dict[tuple[int, torch.dtype, bool], int] = {}
+
+    def close(kind: tuple[int, torch.dtype, bool]) -> None:
+        members, filled[kind] = open_.pop(kind, []), 0
+        if members:
+            drafts.append((-min(m[0] for m in members), kind[0], kind[1], members, kind[2]))
+
+    for i in reversed(range(len(params))):
+        p = params[i]
+        kind, n = (p.group, p.dtype, p.tp_sharded), p.numel
+        if n > bucket_numel and n > chunk:
+            # close every open bucket first: they hold gradients that come before this one, so
+            # the chunks can be reduced (in plan order) the moment the gradient arrives
+            for k in list(open_):
+                close(k)
+            for start in range(0, n, chunk):
+                drafts.append((-i, p.group, p.dtype, [(i, start, min(chunk, n - start))], p.tp_sharded))
+            continue
+        if open_.get(kind) and filled[kind] + n > bucket_numel:
+            close(kind)
+        open_.setdefault(kind, []).append((i, 0, n))
+        filled[kind] = filled.get(kind, 0) + n
+    for k in list(open_):
+        close(k)
+    drafts.sort(key=lambda d: (d[0], d[1]))   # stable: a split parameter's chunks stay in order
 
     buckets = []
     for index, (_, group, dtype, members, sharded) in enumerate(drafts):
         slots, offset = [], 0
-        for i in members:
-            slots.append(Slot(i, offset, params[i].numel))
-            offset += params[i].numel
+        for i, start, n in members:
+            slots.append(Slot(i, offset, n, start))
+            offset += n
         buckets.append(Bucket(index, group, dtype, tuple(slots), sharded))
-    return Plan(tuple(params), tuple(buckets), align)
+    return Plan(tuple(params), tuple(buckets), align, world_size)
 
 
 def trainable_specs(param_groups: Sequence[dict], param_dtype: torch.dtype | None = None,
@@ -211,10 +252,3 @@ def trainable_specs(param_groups: Sequence[dict], param_dtype: torch.dtype | Non
                                    tp_sharded=sharded))
             tensors.append(p)
     return tensors, specs
-
-
-def _by_group_and_dtype(params: Iterable[ParamSpec]) -> dict[tuple[int, torch.dtype, bool], list[int]]:
-    out: dict[tuple[int, torch.dtype, bool], list[int]] = {}
-    for i, p in enumerate(params):
-        out.setdefault((p.group, p.dtype, p.tp_sharded), []).append(i)
-    return out

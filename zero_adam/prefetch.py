@@ -46,7 +46,7 @@ class _ReadGuard(TorchFunctionMode):
 class GatherPrefetch:
     def __init__(self, buckets: Sequence[Any], comm: Comm) -> None:
         self.buckets: list[Any] = []
-        self.bucket_of: dict[int, int] = {}
+        self.bucket_of: dict[int, tuple[int, ...]] = {}   # id(param) -> its buckets (chunks: several)
         self.comm = comm
         self.order: list[int] | None = None        # bucket launch order, once recorded
         self.eager: set[int] = set()
@@ -65,7 +65,8 @@ class GatherPrefetch:
         for fb in buckets:
             bi = len(self.buckets)
             self.buckets.append(fb)
-            self.bucket_of.update({id(p): bi for p in fb.params})
+            for p in fb.params:
+                self.bucket_of[id(p)] = self.bucket_of.get(id(p), ()) + (bi,)
         self.wait_all()
         self.order, self._recording = None, None
         self._modules = weakref.WeakKeyDictionary()
@@ -104,15 +105,10 @@ class GatherPrefetch:
     def wait_for(self, values: tuple) -> None:
         """Wait for the buckets of any parameter among ``values`` (and one level of lists)."""
         for v in values:
-            if isinstance(v, (list, tuple)):
-                for item in v:
-                    bi = self.bucket_of.get(id(item))
-                    if bi is not None and bi in self.pending:
+            for item in (v if isinstance(v, (list, tuple)) else (v,)):
+                for bi in self.bucket_of.get(id(item), ()):
+                    if bi in self.pending:
                         self._wait(bi)
-            else:
-                bi = self.bucket_of.get(id(v))
-                if bi is not None and bi in self.pending:
-                    self._wait(bi)
 
     def check_grad(self, bi: int, name: str) -> None:
         if bi in self.pending:
@@ -154,8 +150,8 @@ class GatherPrefetch:
     def _direct_buckets(self, module: nn.Module) -> tuple[int, ...]:
         found = self._modules.get(module)
         if found is None:
-            found = tuple(dict.fromkeys(self.bucket_of[id(p)] for p in module._parameters.values()
-                                        if p is not None and id(p) in self.bucket_of))
+            found = tuple(dict.fromkeys(bi for p in module._parameters.values() if p is not None
+                                        for bi in self.bucket_of.get(id(p), ())))
             self._modules[module] = found
         return found
 
