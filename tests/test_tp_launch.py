@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import QUICK, ROOT, children, launch, metrics, run
+from test_train import QUICK, ROOT, kill_after_checkpoint, launch, metrics, run
 
 from launch.config import load_config
 from launch.data import batch, load_corpus
@@ -50,20 +48,7 @@ def test_kill_resume_on_1x2_then_2x2_consolidate_and_load_at_tp1(tmp_path):
             "parallel.tp=2"]
     straight = run(tmp_path / "straight", 4, *long, "train.stop_at=8")
     out = tmp_path / "job"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-           str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/tiny.yaml"), *QUICK,
-           f"logging.out_dir={out}", f"checkpoint.dir={out}/ckpt", *long]
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    marker = out / "ckpt" / "step_00000004" / "zero_adam.json"
-    deadline = time.monotonic() + 180
-    while not marker.exists() and time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.02)
-    workers = children(job.pid)
-    assert marker.exists() and job.poll() is None and workers, "the run must be mid-way when killed"
-    os.kill(workers[-1], signal.SIGKILL)
-    job.communicate(timeout=120)
-    assert job.returncode != 0, "torchrun must end the job when a worker dies"
+    kill_after_checkpoint(out, 4, 4, *long)
     for later in (out / "ckpt").glob("step_*"):   # resume from step 4 whatever else got written
         if later.name > "step_00000004":
             shutil.rmtree(later)

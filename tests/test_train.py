@@ -133,28 +133,34 @@ def children(pid: int) -> list[int]:
 
 def test_killed_rank_then_resume_auto_continues_the_same_curve(tmp_path):
     """SIGKILL one worker mid-run: torchrun ends the job; the relaunch resumes and matches."""
-    import signal
-    import time
     args = ["train.steps=36", "train.log_every=6", "train.eval_every=12", "checkpoint.every=6"]
     straight = run(tmp_path / "straight", 2, *args)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    kill_after_checkpoint(out, 2, 6, *args)
+    resumed = launch(out, 2, *args)
+    assert "resumed from" in resumed.stdout
+    assert strip(metrics(out)) == strip(straight)
+
+
+def kill_after_checkpoint(out: Path, nproc: int, step: int, *args: str) -> None:
+    """Start a torchrun job and SIGKILL one worker as soon as its step-``step`` checkpoint is
+    complete; torchrun must then end the job."""
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/tiny.yaml"), *QUICK,
            f"logging.out_dir={out}", f"checkpoint.dir={out}/ckpt", *args]
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    marker = out / "ckpt" / "step_00000006" / "zero_adam.json"
-    deadline = time.monotonic() + 120
+    marker = out / "ckpt" / f"step_{step:08d}" / "zero_adam.json"
+    deadline = time.monotonic() + 180
     while not marker.exists() and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.02)
     workers = children(job.pid)
     assert marker.exists() and job.poll() is None and workers, "the run must be mid-way when killed"
     os.kill(workers[-1], signal.SIGKILL)
-    _, err = job.communicate(timeout=120)
+    job.communicate(timeout=120)
     assert job.returncode != 0, "torchrun must end the job when a worker dies"
-    resumed = launch(out, 2, *args)
-    assert "resumed from" in resumed.stdout
-    assert strip(metrics(out)) == strip(straight)
 
 
 def test_fp16_loss_scaling_recovers_from_overflow(tmp_path):
