@@ -26,3 +26,11 @@ def test_planner_sizes_the_tp_run_exactly(results, stage):
         c = r[f"stage{stage}"]
         assert c["plan_matches"], "the planner's name-based TP shapes must equal the DTensor local shapes"
         assert c["bytes_match"]
+
+
+def test_bf16_params_make_bf16_dtensors_and_train(results):
+    for r in results:
+        c = r["bf16"]
+        assert c["dtypes"] == c["local_dtypes"] == ["torch.bfloat16"], c
+        assert c["full_dtype"] == "torch.bfloat16", c
+        assert c["losses"][-1] < c["losses"][0], c

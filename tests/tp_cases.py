@@ -60,5 +60,28 @@ def tp_dp(stage: int) -> dict:
     return out
 
 
+def bf16() -> dict:
+    """param_dtype=bfloat16 on DTensor parameters: the DTensors themselves say bfloat16 (not only
+    their local shards), so full_tensor(), state_dict() and dtype checks see what the model runs."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = Llama(CFG)
+    tp.parallelize(model, mesh["tp"])
+    opt = ZeroAdamW(model.parameters(), lr=1e-2, mesh=mesh, param_dtype=torch.bfloat16, bucket_mb=0.001)
+    x = torch.randint(0, CFG.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(3):
+        loss = F.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    wq = model.layers[0].attn.wq.weight
+    out = {"dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+           "local_dtypes": sorted({str(getattr(p, "_local_tensor", p).dtype) for p in model.parameters()}),
+           "full_dtype": str(wq.full_tensor().dtype), "losses": losses}
+    opt.close()
+    return out
+
+
 def both() -> dict:
-    return {f"stage{s}": tp_dp(s) for s in (1, 2)}
+    return {**{f"stage{s}": tp_dp(s) for s in (1, 2)}, "bf16": bf16()}

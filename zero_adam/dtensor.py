@@ -54,7 +54,13 @@ def shard_dim(t: torch.Tensor) -> int | None:
 def rebind(param: torch.Tensor, view: torch.Tensor) -> None:
     """Make ``view`` the storage of ``param`` (of its local shard, for a DTensor)."""
     if is_dtensor(param):
-        param._local_tensor = view.view(param._local_tensor.shape)
+        local = view.view(param._local_tensor.shape)
+        if local.dtype != param.dtype:   # param_dtype: the DTensor's own dtype must say so too
+            new = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                     shape=param.shape, stride=param.stride())
+            param.data = new
+            param._spec = new._spec
+        param._local_tensor = local
     else:
         param.data = view.view(param.shape)
 
