@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +27,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from memory_check import rss, run_job  # noqa: E402
 
 from launch import runtime  # noqa: E402
 from launch import tp as tensor_parallel  # noqa: E402
@@ -48,11 +47,6 @@ RUNS = {  # name: (micro_batch, seq_len, tp, checkpoint_every, param dtype)
     "fp32-tp2": (8, 256, 2, 0, "float32"),
 }
 MIB = 2 ** 20
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_rss() -> int:
@@ -119,14 +113,7 @@ def worker(name: str, out: str) -> None:
 
 
 def launch(name: str, tmp: Path) -> list[dict]:
-    out = tmp / f"{name}.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           __file__, "--worker", name, "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    return run_job(__file__, 2, name, tmp / f"{name}.json")
 
 
 def main() -> None:

@@ -104,15 +104,20 @@ def warm_up() -> None:
     gc.collect()
 
 
-def launch(world: int, option: str, tmp: Path) -> list[dict]:
-    out = tmp / f"{option}-{world}.json"
+def run_job(script: str, world: int, name: str, out: Path) -> list[dict]:
+    """``torchrun`` ``script --worker name --out out`` on ``world`` CPU processes with the allocator
+    set up for measuring (freed tensors leave the resident set); the rows rank 0 wrote."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           __file__, "--worker", option, "--out", str(out)]
+           script, "--worker", name, "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if done.returncode != 0:
-        raise SystemExit(f"{option} at N={world} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{name} at N={world} failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
+
+
+def launch(world: int, option: str, tmp: Path) -> list[dict]:
+    return run_job(__file__, world, option, tmp / f"{option}-{world}.json")
 
 
 def main() -> None:
