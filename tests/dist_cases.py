@@ -49,7 +49,8 @@ def behaviour_all() -> dict:
     out = {}
     for name, fn, group, ws in [
         ("unused", unused_params, g3, 3), ("mismatch", mismatched_models, g2, 2),
-        ("ddp", ddp_wrapped, g2, 2), ("roundtrip1", lambda g: roundtrip(g, 1), g3, 3),
+        ("ddp", ddp_wrapped, g2, 2), ("ddp_later", ddp_wrapped_later, g2, 2),
+        ("roundtrip1", lambda g: roundtrip(g, 1), g3, 3),
         ("roundtrip2", lambda g: roundtrip(g, 2), g3, 3),
         ("outside_use", lambda g: outside_use(g, switch_at=None), g2, 2),
         ("switch_to_outside_use", lambda g: outside_use(g, switch_at=3), g2, 2),
@@ -105,6 +106,23 @@ def ddp_wrapped(group) -> dict:
     model = torch.nn.parallel.DistributedDataParallel(make_model(), process_group=group)
     ZeroAdamW(model.parameters(), process_group=group)
     return {"constructed": True}
+
+
+def ddp_wrapped_later(group) -> dict:
+    """What transformers.Trainer or accelerator.prepare do to a model whose ZeroAdamW exists: wrap
+    it in DDP. The first step() refuses before anything is updated."""
+    model = make_model()
+    opt = ZeroAdamW(model.parameters(), process_group=group)
+    before = [p.detach().clone() for p in model.parameters()]
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
+    x, y = batch(0, MICRO)
+    loss_fn(wrapped, x, y).backward()
+    try:
+        opt.step()
+    except ValueError as e:
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        return {"error": f"ValueError: {e}", "unchanged": unchanged}
+    return {"stepped": True}
 
 
 def roundtrip(group, stage: int) -> dict:

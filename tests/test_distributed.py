@@ -84,6 +84,14 @@ def test_ddp_wrapped_model_refused(behaviour):
         assert "DistributedDataParallel" in r.get("error", ""), r
 
 
+def test_ddp_wrap_after_construction_refused_at_first_step(behaviour):
+    """DDP would reduce every gradient a second time (silently: averaging twice gives the same
+    numbers, at twice the traffic); refused before any parameter changes, naming the way out."""
+    for r in _only(behaviour, "ddp_later", 2):
+        assert "after ZeroAdamW was created" in r.get("error", ""), r
+        assert "ZeroAdamTrainer" in r["error"] and r["unchanged"], r
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_state_dict_round_trip(behaviour, stage):
     for r in _only(behaviour, f"roundtrip{stage}", 3):

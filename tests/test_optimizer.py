@@ -181,3 +181,29 @@ def test_load_state_dict_from_elsewhere_is_refused():
     opt = ZeroAdamW(model.parameters())
     with pytest.raises(ValueError, match="not saved by ZeroAdamW"):
         opt.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+
+
+def test_clip_grad_norm_on_the_model_warns_once_and_opt_clip_is_the_fix(monkeypatch):
+    """The DDP idiom silently clips nothing under ZeroAdamW (param.grad is None): warned once, at
+    the caller's line; parameters not owned by a live ZeroAdamW (a DDP model, a closed optimizer)
+    are left to torch's function untouched."""
+    from zero_adam import leftovers
+    monkeypatch.setitem(leftovers._state, "warned", False)
+    model = make_model()
+    opt = ZeroAdamW(model.parameters(), lr=1e-2)
+    x, y = batch(0, 8)
+    loss_fn(model, x, y).backward()
+    with pytest.warns(UserWarning, match=r"opt.clip_grad_norm_\(max_norm\)") as caught:
+        assert torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item() == 0.0
+    assert caught[0].filename == __file__
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)       # once only
+        assert opt.clip_grad_norm_(1.0).item() > 0.0
+        monkeypatch.setitem(leftovers._state, "warned", False)
+        plain = make_model()
+        loss_fn(plain, x, y).backward()
+        assert torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0).item() > 0.0
+        opt.close()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)       # owner closed: no warning

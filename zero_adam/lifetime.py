@@ -18,7 +18,7 @@ import torch
 _OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
-def _owner_of(p: torch.Tensor) -> Any:
+def owner_of(p: torch.Tensor) -> Any:
     entry = _OWNERS.get(id(p))
     if entry is None or entry[0]() is not p:
         return None
@@ -28,9 +28,9 @@ def _owner_of(p: torch.Tensor) -> Any:
 
 def claim(params: Sequence[torch.Tensor], names: Sequence[str], owner: Any) -> None:
     """Record ``owner`` for ``params``; refuse any owned by another live optimizer."""
-    if any(_owner_of(p) is not None for p in params):
+    if any(owner_of(p) is not None for p in params):
         gc.collect()  # an optimizer dropped with `del` may only be waiting for the cycle collector
-    taken = [n for p, n in zip(params, names) if _owner_of(p) not in (None, owner)]
+    taken = [n for p, n in zip(params, names) if owner_of(p) not in (None, owner)]
     if taken:
         raise ValueError(
             f"{len(taken)} parameter(s) already belong to another live ZeroAdamW, e.g. {taken[:3]}: "

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import dtensor, kernel, lifetime, models, update, validate
+from . import dtensor, kernel, leftovers, lifetime, models, update, validate
 from .comm import Comm
 from .flat import BufferPool, FlatBucket
 from .gradnorm import GradientPolicy
@@ -84,6 +84,7 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
                                      world_size=self.comm.world_size)
         validate.check_ranks_agree(self.comm, self._consistency_lines(), device)
         lifetime.claim(tensors, [s.key for s in specs], self)
+        leftovers.install()
         self._excluded = self._frozen_in_groups()
         self._prepare_model(tensors, [p for _, p in self._excluded])
         self._pool = BufferPool()
@@ -104,6 +105,7 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
         self.last_step_skipped = False
         self.skipped_steps = 0
         self._warned_no_grad = False
+        self._wrap_checked = False
 
     # -- construction helpers ------------------------------------------------------------------
     def _consistency_lines(self) -> list[str]:
@@ -186,6 +188,9 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
             self._prefetch.finish_recording(self._sync.touched)
         for fb in self.buckets:
             fb.check_bound()
+        if not self._wrap_checked:  # nothing is updated yet: a late DDP wrap loses nothing
+            validate.check_not_wrapped([p for fb in self.buckets for p in fb.params], later=True)
+            self._wrap_checked = True
         self._sync.finish()
         if not self._prepare_grads(self._clipped):
             return loss

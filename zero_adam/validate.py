@@ -83,11 +83,14 @@ def check_params(params: Sequence[torch.Tensor], names: Sequence[str]) -> torch.
     return devices.pop()
 
 
-def check_not_wrapped(params: Iterable[torch.Tensor]) -> None:
-    """Refuse parameters of a model already wrapped in DDP or FSDP2.
+def check_not_wrapped(params: Iterable[torch.Tensor], later: bool = False) -> None:
+    """Refuse parameters of a model wrapped in DDP or FSDP2: at construction, and (``later``) at
+    the first ``step()``, for a wrap that came after it (``transformers.Trainer`` and
+    ``accelerator.prepare`` wrap the model in DDP themselves).
 
-    Both would reduce gradients a second time (DDP) or own the parameters (FSDP2); the result
-    would be silently wrong or hang, so look for a live wrapper holding these parameters.
+    Both would reduce gradients a second time (DDP: twice the traffic) or own the parameters
+    (FSDP2); the result would be silently wrong, slow or hang, so look for a live wrapper holding
+    these parameters (a walk over live objects: once per optimizer at each of the two points).
     """
     wrappers = _wrapper_types()
     if not wrappers:
@@ -97,8 +100,11 @@ def check_not_wrapped(params: Iterable[torch.Tensor]) -> None:
         if issubclass(type(obj), wrappers) and issubclass(type(obj), torch.nn.Module):
             if any(id(p) in ours for p in obj.parameters()):
                 raise ValueError(
-                    f"these parameters belong to a model wrapped in {type(obj).__name__}; "
-                    "ZeroAdamW reduces gradients itself: build it from the unwrapped model "
+                    f"these parameters belong to a model wrapped in {type(obj).__name__}"
+                    + (" after ZeroAdamW was created (transformers.Trainer and accelerator.prepare "
+                       "wrap it: use zero_adam.integrations.transformers.ZeroAdamTrainer or "
+                       "zero_adam.integrations.accelerate.prepare)" if later else "")
+                    + "; ZeroAdamW reduces gradients itself: build it from the unwrapped model "
                     "(model.module.parameters() for DDP) and do not wrap the model")
 
 
