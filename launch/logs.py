@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from launch import deps
 from launch.config import LoggingConfig
 
 
@@ -21,6 +22,14 @@ def to_json(row: dict[str, Any]) -> str:
     return json.dumps(clean, allow_nan=False)
 
 
+def _available(feature: str, module: str, setting: str) -> bool:
+    """Checked at the start, so a missing optional package is a note, not a crash after training."""
+    note = deps.optional(feature, module, setting)
+    if note:
+        print(note, flush=True)
+    return note is None
+
+
 class RunLog:
     def __init__(self, cfg: LoggingConfig, out_dir: Path, *, main: bool, total_steps: int,
                  start_step: int = 0, resume_at: int | None = None) -> None:
@@ -29,8 +38,11 @@ class RunLog:
         self.started = time.perf_counter()
         self._bar = None
         self._file = None
+        self._plot = main and cfg.plot
         if not main:
             return
+        progress = cfg.progress and _available("the progress bar", "tqdm", "logging.progress")
+        self._plot = cfg.plot and _available("the loss plot", "matplotlib", "logging.plot")
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "metrics.jsonl"
         if resume_at is not None and path.exists():  # keep the history up to the resumed step
@@ -39,7 +51,7 @@ class RunLog:
         self._file = open(path, "w")
         for r in self.records:
             self._file.write(to_json(r) + "\n")
-        if cfg.progress:
+        if progress:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
@@ -76,9 +88,17 @@ class RunLog:
             self._file.close()
 
     def plot(self, name: str) -> Path | None:
-        """loss.png: training loss per logged step and validation loss per evaluation."""
-        if not (self.main and self.cfg.plot and self.records):
+        """loss.png: training loss per logged step and validation loss per evaluation. Never fails
+        the run: training is done by now, so a plotting error is reported and skipped."""
+        if not (self._plot and self.records):
             return None
+        try:
+            return self._draw(name)
+        except Exception as e:  # noqa: BLE001 - any plotting failure must not lose a finished run
+            self.info(f"note: loss.png not written ({type(e).__name__}: {e})")
+            return None
+
+    def _draw(self, name: str) -> Path:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -20,6 +20,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `launch` and `zero_adam` from a checkout
 
+from launch import deps  # noqa: E402
+
+deps.require()  # the [train] extras, before anything imports them
+
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

@@ -197,3 +197,44 @@ def test_transformers_model_trains_through_the_launcher(tmp_path):
     rows = [r for r in metrics(tmp_path) if "loss" in r]
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
     assert (tmp_path / "ckpt" / "step_00000006" / "zero_adam.json").exists()
+
+
+def without(modules: list[str], out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """launch/train.py as one process in an interpreter where ``modules`` cannot be imported."""
+    code = ("import runpy, sys\n"
+            f"for m in {modules!r}: sys.modules[m] = None\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    args = [str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/tiny.yaml"), *QUICK,
+            f"logging.out_dir={out}", f"checkpoint.dir={out}/ckpt", "logging.progress=true", *extra]
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_missing_plot_and_progress_packages_are_notes_not_a_crash_after_training(tmp_path):
+    """The [train] extras' optional parts: said at the start, the run trains to the end and keeps
+    its metrics and checkpoints (it used to crash in the plot after the last step)."""
+    done = without(["matplotlib", "tqdm"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    notes = [line for line in done.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2 and all("pip install 'zero-adam[train]'" in n for n in notes), done.stdout
+    assert "done: steps 0-6" in done.stdout and "Traceback" not in done.stderr
+    assert len(metrics(tmp_path)) > 0 and not (tmp_path / "loss.png").exists()
+
+
+def test_missing_required_package_exits_2_before_any_work(tmp_path):
+    done = without(["pydantic"], tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "pydantic" in done.stderr and "pip install 'zero-adam[train]'" in done.stderr
+    assert not tmp_path.joinpath("metrics.jsonl").exists()
+
+
+def test_a_failing_plot_is_reported_and_skipped(tmp_path, monkeypatch, capsys):
+    from launch.config import LoggingConfig
+    from launch.logs import RunLog
+    log = RunLog(LoggingConfig(progress=False), tmp_path, main=True, total_steps=1)
+    log.record({"step": 1, "loss": 1.0, "tokens_per_s": 1.0})
+    monkeypatch.setattr(RunLog, "_draw", lambda self, name: 1 / 0)
+    assert log.plot("x") is None
+    assert "loss.png not written (ZeroDivisionError" in capsys.readouterr().out
+    log.close()
