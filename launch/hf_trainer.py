@@ -14,6 +14,7 @@ a config (nothing downloaded); the data is this interpreter's standard library a
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -99,6 +100,13 @@ def main(argv: list[str] | None = None) -> None:
             Path(a.losses).write_text(json.dumps(history))
         print(f"loss {history[0]['loss']:.4f} (step {history[0]['step']}) -> {history[-1]['loss']:.4f} "
               f"(step {history[-1]['step']}); model in {a.output_dir}/final")
+    # DDP's reducer and ZeroAdamW's hooks go while the process group is alive and idle: left to
+    # interpreter exit, a gloo teardown can abort the process (torch 2.13, seen here)
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    del trainer
+    gc.collect()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Everything else is Trainer's own. What differs, and why:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.utils import logging
 
 from .. import checkpoint, interop
 from ..optimizer import ZeroAdamW
 from . import accelerate as zero_accelerate
 
+log = logging.get_logger(__name__)
 SUBDIR = "zero_adam"
 OPTIMIZER_NAME = "optimizer.pt"   # transformers.trainer's names for a plain Trainer's files
 SCHEDULER_NAME = "scheduler.pt"
@@ -81,6 +84,21 @@ def check_args(args: Any) -> None:
                          + "\n  ".join(problems))
 
 
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The newest ``checkpoint-N`` in ``output_dir`` whose Trainer state and optimizer state (ours,
+    or a plain Trainer's ``optimizer.pt``) were written to the end."""
+    found = [(int(m.group(1)), d) for d in Path(output_dir).glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", d.name)) and d.is_dir()]
+    for _, d in sorted(found, reverse=True):
+        ours = d / SUBDIR
+        usable = checkpoint.is_complete(ours) if ours.exists() else (d / OPTIMIZER_NAME).is_file()
+        if usable and (d / "trainer_state.json").is_file():
+            return str(d)
+        log.warning(f"{d} is incomplete (cut short while saving?): skipped for an older checkpoint")
+    raise ValueError(f"no complete checkpoint-N in {output_dir} to resume from "
+                     f"({len(found)} incomplete); start without resume_from_checkpoint")
+
+
 def _zero(optimizer: Any) -> ZeroAdamW | None:
     """The ZeroAdamW under Accelerate's wrapper, if that is what ``optimizer`` is."""
     inner = getattr(optimizer, "optimizer", optimizer)
@@ -106,6 +124,13 @@ class ZeroAdamTrainer(Trainer):
         if opt is None:
             raise RuntimeError("no ZeroAdamW yet: it is created when train() starts")
         return opt
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``resume_from_checkpoint=True`` takes the newest *complete* ``checkpoint-N`` (Trainer takes
+        the newest folder, even one a crash cut short while saving): a damaged one is skipped."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
