@@ -183,12 +183,10 @@ def test_load_state_dict_from_elsewhere_is_refused():
         opt.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
 
 
-def test_clip_grad_norm_on_the_model_warns_once_and_opt_clip_is_the_fix(monkeypatch):
-    """The DDP idiom silently clips nothing under ZeroAdamW (param.grad is None): warned once, at
-    the caller's line; parameters not owned by a live ZeroAdamW (a DDP model, a closed optimizer)
-    are left to torch's function untouched."""
-    from zero_adam import leftovers
-    monkeypatch.setitem(leftovers._state, "warned", False)
+def test_clip_grad_norm_on_the_model_warns_once_and_opt_clip_is_the_fix():
+    """The DDP idiom silently clips nothing under ZeroAdamW (param.grad is None): warned once per
+    optimizer, at the caller's line; parameters not owned by a live ZeroAdamW (a DDP model, a
+    closed optimizer) are left to torch's function untouched."""
     model = make_model()
     opt = ZeroAdamW(model.parameters(), lr=1e-2)
     x, y = batch(0, 8)
@@ -201,9 +199,13 @@ def test_clip_grad_norm_on_the_model_warns_once_and_opt_clip_is_the_fix(monkeypa
         warnings.simplefilter("error")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)       # once only
         assert opt.clip_grad_norm_(1.0).item() > 0.0
-        monkeypatch.setitem(leftovers._state, "warned", False)
         plain = make_model()
         loss_fn(plain, x, y).backward()
         assert torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0).item() > 0.0
         opt.close()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)       # owner closed: no warning
+    again = ZeroAdamW(model.parameters(), lr=1e-2)                     # a new optimizer warns again
+    loss_fn(model, x, y).backward()
+    with pytest.warns(UserWarning, match="clipped nothing"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    again.close()

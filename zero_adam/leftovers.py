@@ -4,7 +4,8 @@
 each gradient into its buckets as it is produced, so ``param.grad`` is None, the call clips
 nothing and returns 0.0, and training runs unclipped with a logged norm of zero. ``install()``
 (run by every ZeroAdamW) wraps torch's function: the wrapper looks each parameter up in the
-ownership registry (one dict lookup per parameter) and calls torch's function unchanged.
+ownership registry (one dict lookup per parameter) and calls torch's function unchanged. Each
+optimizer warns once (a training loop sees one warning, not one per step).
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ MESSAGE = ("torch.nn.utils.clip_grad_norm_ was called on parameters trained by Z
            "is None (gradients live in the optimizer's buffers), so it clipped nothing and returned 0.0. "
            "Use opt.clip_grad_norm_(max_norm) (it returns the global norm) or ZeroAdamW(..., "
            "max_grad_norm=...) and opt.last_grad_norm")
-_state = {"warned": False}
 
 
 def _check(parameters: list[Any]) -> None:
-    if _state["warned"]:
-        return
-    owned = [p for p in parameters if isinstance(p, torch.Tensor) and lifetime.owner_of(p) is not None]
-    if owned and all(p.grad is None for p in owned):
-        _state["warned"] = True
-        warnings.warn(MESSAGE, UserWarning, stacklevel=3)
+    owners = {}
+    for p in parameters:
+        owner = lifetime.owner_of(p) if isinstance(p, torch.Tensor) else None
+        if owner is not None:
+            owners.setdefault(id(owner), (owner, []))[1].append(p)
+    for owner, owned in owners.values():
+        if not getattr(owner, "_warned_clip", False) and all(p.grad is None for p in owned):
+            owner._warned_clip = True
+            warnings.warn(MESSAGE, UserWarning, stacklevel=3)
+            return
 
 
 def install() -> None:
