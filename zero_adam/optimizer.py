@@ -226,8 +226,9 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
             for fb in plain:
                 fb.publish_master()
         rest = [fb for fb in mine if not fb.plain]
-        grads = [fb.prepare_grad() for fb in rest]  # offloaded: every download is in flight
-        for fb, g in zip(rest, grads):
+        early = {id(fb): fb.prepare_grad() for fb in rest if fb.host_grad is not None}  # downloads
+        for fb in rest:  # in flight; a 16-bit shard is cast to FP32 only when its bucket's turn comes
+            g = early[id(fb)] if id(fb) in early else fb.prepare_grad()
             fb.wait_grad()
             m = fb.read_master()
             self._update_buckets(group, [fb], [m], [g])
