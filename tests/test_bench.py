@@ -70,3 +70,39 @@ def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
     assert r["step_time_ws1"]["world_size"] == 1 and r["step_time_wsN"]["world_size"] == 2
     assert r["bandwidth"]["fused_GBps"] > 0 and r["bandwidth"]["copy_GBps"] > 0
     assert "## GPU check: cpu" in done.stdout and "Max |param - torch.optim.AdamW(fused)|" in done.stdout
+
+
+def test_capacity_bisection_finds_the_edge_from_any_start() -> None:
+    """bench/capacity.py's search: (largest size that fits, smallest that does not), starting at
+    the prediction, with few runs when the prediction is close."""
+    import capacity
+    for edge in (1, 2, 7, 40):
+        for start in (1, 5, edge, edge + 1, 60):
+            calls: list[int] = []
+            got = capacity.bisect_limit(start, lambda k, c=calls, e=edge: c.append(k) or k <= e, hi=100)
+            assert got == (edge, edge + 1), (edge, start, got)
+            assert len(calls) == len(set(calls)) <= 14, calls
+    calls = []
+    assert capacity.bisect_limit(40, lambda k: calls.append(k) or k <= 40) == (40, 41) and len(calls) == 2
+
+
+def test_capacity_report_from_runs(tmp_path: Path, monkeypatch) -> None:
+    """measure() + write_report() on fake runs whose peak is the prediction plus 3%: the confirmed
+    limit, its ratio to the prediction and to DDP come from the runs."""
+    import capacity
+    floor = 300 * 2 ** 20
+
+    def fake_run(name, k, world, tmp):
+        peak = floor + int(1.03 * capacity.predict(name, k, world))
+        return capacity.Run(k, capacity.n_params(k), [peak] * world)
+    monkeypatch.setattr(capacity, "run", fake_run)
+    budget = 2 * 2 ** 30
+    rows = [capacity.measure(m, 2, budget, tmp_path, lambda t: None) for m in ("ddp", "zero-2")]
+    for r in rows:
+        assert sum(r["ran"]["peaks"]) <= budget < sum(r["failed"]["peaks"])
+        assert r["failed"]["k"] == r["ran"]["k"] + 1 and r["ran"]["k"] <= r["predicted_k"]
+    capacity.write_report(rows, budget, 2, 1.0, tmp_path / "capacity.md")
+    text = (tmp_path / "capacity.md").read_text()
+    ratio = rows[1]["ran"]["params"] / rows[0]["ran"]["params"]
+    assert f"{ratio:.2f}x" in text and (tmp_path / "capacity.png").stat().st_size > 0
+    assert "goal >= 1.6x" in text and "worst 0% off" in text  # fake peaks track the prediction
