@@ -238,6 +238,7 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def write_report(rows: list[dict], budget: int, world: int, minutes: float, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     ddp = next((r["ran"]["params"] for r in rows if r["method"] == "ddp" and r["ran"]), None)
     lines = [
         "# Capacity: the largest model each method trains in one memory budget", "",
@@ -259,11 +260,11 @@ def write_report(rows: list[dict], budget: int, world: int, minutes: float, out:
     lines += ["", "Peaks are the job's total (the ranks' peaks in parentheses). Floor per rank (the method "
               "with the size-2 model, included in every prediction): "
               + ", ".join(f"{r['method']} {r['floor'] / GIB:.2f} GiB" for r in rows) + ".", "",
-              "![parameters trained per method](capacity.png)", "", *METHOD_NOTES]
+              f"![parameters trained per method]({out.with_suffix('.png').name})", "", *METHOD_NOTES]
     out.write_text("\n".join(lines) + "\n")
-    (out.parent / "capacity.json").write_text(json.dumps(
+    out.with_suffix(".json").write_text(json.dumps(
         {"budget": budget, "world": world, "minutes": minutes, "rows": rows}, indent=1))
-    chart(rows, out.parent / "capacity.png")
+    chart(rows, out.with_suffix(".png"))
 
 
 METHOD_NOTES = [
@@ -323,11 +324,15 @@ def main() -> None:
         return worker(name, int(k), a.out)
     import time
     started, budget = time.perf_counter(), int(a.budget_gib * GIB)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # before the runs, not after
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for name in a.methods:
             rows.append(measure(name, a.world_size, budget, Path(tmp), lambda t: print(t, flush=True)))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "floor"}), flush=True)
+            saved = {"budget": budget, "world": a.world_size, "minutes": (time.perf_counter() - started) / 60,
+                     "rows": rows}  # kept if a later method fails: --render writes the report from it
+            Path(a.out).with_suffix(".json").write_text(json.dumps(saved, indent=1))
     write_report(rows, budget, a.world_size, (time.perf_counter() - started) / 60, Path(a.out))
     print(Path(a.out).read_text())
 

@@ -101,8 +101,8 @@ def test_capacity_report_from_runs(tmp_path: Path, monkeypatch) -> None:
     for r in rows:
         assert sum(r["ran"]["peaks"]) <= budget < sum(r["failed"]["peaks"])
         assert r["failed"]["k"] == r["ran"]["k"] + 1 and r["ran"]["k"] <= r["predicted_k"]
-    capacity.write_report(rows, budget, 2, 1.0, tmp_path / "capacity.md")
-    text = (tmp_path / "capacity.md").read_text()
+    capacity.write_report(rows, budget, 2, 1.0, tmp_path / "docs" / "capacity.md")  # a new folder
+    text = (tmp_path / "docs" / "capacity.md").read_text()
     ratio = rows[1]["ran"]["params"] / rows[0]["ran"]["params"]
-    assert f"{ratio:.2f}x" in text and (tmp_path / "capacity.png").stat().st_size > 0
+    assert f"{ratio:.2f}x" in text and (tmp_path / "docs" / "capacity.png").stat().st_size > 0
     assert "goal >= 1.6x" in text and "worst 0% off" in text  # fake peaks track the prediction
