@@ -18,7 +18,7 @@ def importable(module: str) -> bool:
     """Whether ``import module`` works (a broken install counts as missing)."""
     try:
         importlib.import_module(module)
-    except ImportError:
+    except Exception:  # noqa: BLE001 - a broken install (bad backend, ABI mismatch) is missing too
         return False
     return True
 

@@ -96,16 +96,26 @@ def check_not_wrapped(params: Iterable[torch.Tensor], later: bool = False) -> No
     if not wrappers:
         return
     ours = {id(p) for p in params}
+    if _find_wrapper(ours, wrappers) is not None:
+        gc.collect()  # a dropped wrapper may only be waiting for the cycle collector
+    obj = _find_wrapper(ours, wrappers)
+    if obj is not None:
+        raise ValueError(
+            f"these parameters belong to a model wrapped in {type(obj).__name__}"
+            + (" after ZeroAdamW was created (transformers.Trainer and accelerator.prepare "
+               "wrap it: use zero_adam.integrations.transformers.ZeroAdamTrainer or "
+               "zero_adam.integrations.accelerate.prepare)" if later else "")
+            + "; ZeroAdamW reduces gradients itself: build it from the unwrapped model "
+            "(model.module.parameters() for DDP) and do not wrap the model")
+
+
+def _find_wrapper(ours: set[int], wrappers: tuple[type, ...]) -> Any:
+    """A live DDP/FSDP module holding one of the parameters ``ours`` (by id), or None."""
     for obj in gc.get_objects():
         if issubclass(type(obj), wrappers) and issubclass(type(obj), torch.nn.Module):
             if any(id(p) in ours for p in obj.parameters()):
-                raise ValueError(
-                    f"these parameters belong to a model wrapped in {type(obj).__name__}"
-                    + (" after ZeroAdamW was created (transformers.Trainer and accelerator.prepare "
-                       "wrap it: use zero_adam.integrations.transformers.ZeroAdamTrainer or "
-                       "zero_adam.integrations.accelerate.prepare)" if later else "")
-                    + "; ZeroAdamW reduces gradients itself: build it from the unwrapped model "
-                    "(model.module.parameters() for DDP) and do not wrap the model")
+                return obj
+    return None
 
 
 def _wrapper_types() -> tuple[type, ...]:
