@@ -114,8 +114,8 @@ class LossScalingConfig(Section):
 
 
 class OptimConfig(Section):
-    """Maps one-to-one onto ``zero_adam.ZeroAdamW``'s arguments (``overlap_gather`` defaults to on
-    here: the training loop reads parameters only in forward and through zero_adam.checkpoint)."""
+    """Maps one-to-one onto ``zero_adam.ZeroAdamW``'s arguments, with the same defaults except the
+    hyperparameters."""
     lr: float = Field(3e-3, gt=0)
     betas: tuple[Beta, Beta] = (0.9, 0.95)
     eps: float = Field(1e-8, ge=0)
@@ -126,7 +126,7 @@ class OptimConfig(Section):
     reduce_dtype: Dtype = "float32"
     max_grad_norm: float | None = Field(1.0, gt=0)
     accumulate: Literal["local", "shard"] | None = None
-    overlap_gather: bool = True   # the launcher reads params only in forward and checkpoints
+    overlap_gather: bool = True
     max_inflight: int = Field(2, ge=1)
     loss_scale: Literal["dynamic"] | float | None = None
     loss_scaling: LossScalingConfig = LossScalingConfig()

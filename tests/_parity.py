@@ -39,7 +39,9 @@ def run_parity(case: dict, group=None) -> dict:
     overlap = case.get("overlap", False)
     opt = ZeroAdamW(named_groups(model), lr=LR, process_group=group, stage=case["stage"],
                     bucket_mb=0.004, param_dtype=torch.bfloat16 if bf16 else None,
-                    max_grad_norm=clip, accumulate=case.get("accumulate"), overlap_gather=overlap)
+                    max_grad_norm=clip, accumulate=case.get("accumulate"), overlap_gather=overlap,
+                    reduce_collective=case.get("reduce", "auto"),
+                    gather_collective=case.get("gather", "auto"))
     masters = [p for g in named_groups(ref) for _, p in g["params"]]
     ref_groups = [{"params": [p for _, p in g["params"]], "weight_decay": g["weight_decay"]}
                   for g in named_groups(ref)]
@@ -109,7 +111,8 @@ def _bytes_vs_plan(opt: ZeroAdamW, case: dict, ws: int, bf16: bool) -> dict:
     """This rank's optimizer tensors (measured) next to the planner's per-rank figures."""
     plan = plan_params(named_groups(make_model().to("meta")), bucket_mb=0.004,
                        param_dtype=torch.bfloat16 if bf16 else None, world_size=ws)
-    e = estimate(plan, ws, stage=case["stage"], accumulate=case.get("accumulate")).device
+    e = estimate(plan, ws, stage=case["stage"], accumulate=case.get("accumulate"),
+                 backend="gloo").device
     got = opt.memory_report()
     return {f: [got[f], getattr(e, f)] for f in FIELDS}
 

@@ -12,7 +12,8 @@ holds them equal). What is counted, per rank:
 * ``exp_avg``, ``exp_avg_sq``: the moment shards (``moments_dtype``; ``amsgrad`` adds a third).
 * ``buffers``: stage 2's bucket-sized gradient buffers in flight during backward (at most
   ``max_inflight`` reducing plus one filling per param group and dtype) and the FP32 cast of one
-  gradient shard when ``grad_dtype`` is 16-bit. An upper bound; everything else is exact.
+  gradient shard when ``grad_dtype`` is 16-bit; on gloo, the exchange's receive buffers (two, each
+  (N-1)/N of a bucket). An upper bound; everything else is exact.
 
 Activations, the autograd graph and allocator slack are the model's and the framework's and are
 not included. With ``offload="cpu"`` master and moments are host memory, reported separately.
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .exchange import RECV_BUFFERS
 from .flat import bucket_reduce_dtype, master_dtype
 from .plan import Plan
 
@@ -67,14 +69,16 @@ def _size(dtype: torch.dtype) -> int:
 def estimate(plan: Plan, world_size: int, *, stage: int = 2, reduce_dtype: torch.dtype = torch.float32,
              grad_dtype: torch.dtype | None = None, master: str = "fp32",
              moments_dtype: torch.dtype = torch.float32, amsgrad: bool = False, max_inflight: int = 2,
-             offload: str | None = None, accumulate: str | None = None) -> Estimate:
+             offload: str | None = None, accumulate: str | None = None, backend: str = "nccl") -> Estimate:
     """Bytes per rank for ``plan`` divided over ``world_size`` data-parallel ranks (a plan that cuts
-    large parameters must have been built for that world size)."""
+    large parameters must have been built for that world size). ``backend="gloo"`` adds the
+    receive buffers of gloo's exchange reductions (``zero_adam.exchange``)."""
     plan.check_world(world_size)
     dev = dict.fromkeys(FIELDS, 0)
     host = dict.fromkeys(FIELDS, 0)
     state = host if offload == "cpu" else dev
     full_sizes: dict[tuple[int, torch.dtype], list[int]] = {}
+    recv_sizes: list[int] = []
     max_shard_cast = 0
     for b in plan.buckets:
         padded, shard = plan.padded_numel(b, world_size), plan.shard_numel(b, world_size)
@@ -82,6 +86,7 @@ def estimate(plan: Plan, world_size: int, *, stage: int = 2, reduce_dtype: torch
         gdtype = grad_dtype or mdtype
         rdtype = bucket_reduce_dtype(b.dtype, reduce_dtype)
         dev["params"] += padded * _size(b.dtype)
+        recv_sizes.append((world_size - 1) * shard * _size(rdtype))
         if mdtype != b.dtype:
             state["master"] += shard * (2 if master == "remainder" else _size(mdtype))
         if offload == "cpu" and mdtype == b.dtype:
@@ -108,6 +113,8 @@ def estimate(plan: Plan, world_size: int, *, stage: int = 2, reduce_dtype: torch
             live = len(everything)
         dev["buffers"] += sum(everything[:live])
     dev["buffers"] += max_shard_cast
+    if backend == "gloo" and world_size > 1:
+        dev["buffers"] += sum(sorted(recv_sizes, reverse=True)[:RECV_BUFFERS])
     n = sum(p.numel for p in plan.params)
     return Estimate(Bytes(**dev), Bytes(**host), world_size, n)
 

@@ -50,7 +50,7 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
         reduce_dtype: torch.dtype = torch.float32, grad_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
         accumulate: str | None = None, reduce_collective: str = "auto",
-        gather_collective: str = "auto", sync_params: bool = True, overlap_gather: bool = False,
+        gather_collective: str = "auto", sync_params: bool = True, overlap_gather: bool = True,
         max_inflight: int = 2, loss_scale: Any = None, nonfinite: str = "skip", master: str = "fp32",
         offload: str | None = None,
         foreach: bool | None = None,
@@ -90,6 +90,7 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
         self._pool = BufferPool()
         self._device = device
         self.buckets: list[FlatBucket] = self._make_buckets(self.plan.buckets, tensors)
+        overlap_gather = overlap_gather and self.comm.distributed   # one rank gathers nothing
         self._prefetch = GatherPrefetch(self.buckets, self.comm) if overlap_gather else None
         self._sync = GradSync(
             self.buckets, self.comm, accumulate=self.options.accumulate,
@@ -274,7 +275,7 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
             for k, v in (fb.device_nbytes() if where == "device" else fb.host_nbytes()).items():
                 out[k] = out.get(k, 0) + v
         if where == "device":
-            out["buffers"] += self._pool.nbytes()
+            out["buffers"] += self._pool.nbytes() + (self.comm.exchange.nbytes() if self.comm.exchange else 0)
         out["total"] = sum(out.values())
         return out
 

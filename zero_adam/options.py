@@ -32,11 +32,19 @@ class ShardingOptions:
       buffer in ``reduce_dtype``, one reduction per step (stage 1 always; stage 2 then holds that
       buffer during accumulation). ``"shard"``: every backward is reduced and added into the FP32
       gradient shard (stage 2 default; no full-size buffer survives a backward). ``None`` picks.
+    * ``reduce_collective`` / ``gather_collective``: how gradients are reduced and parameters
+      gathered. ``"auto"``: reduce-scatter and all-gather on NCCL, point-to-point exchanges on gloo
+      (``zero_adam.exchange``, faster there than gloo's collectives); ``"all_reduce"`` and the
+      named collectives can be forced.
     * ``sync_params``: start from rank 0's parameters, as DDP does.
-    * ``overlap_gather``: return from ``step()`` with the parameter all-gathers still in flight and
-      wait for each bucket just before the forward first uses it (``zero_adam.prefetch``). Reading
-      parameters between ``step()`` and the next forward (an EMA, ``torch.save(model.state_dict())``)
-      then needs ``opt.wait_params()`` first; ``zero_adam.checkpoint`` calls it itself.
+    * ``overlap_gather`` (default on): return from ``step()`` with the parameter all-gathers still
+      in flight and wait for each bucket just before the forward first uses it, so the gather hides
+      behind the next forward as DDP's all-reduce hides behind backward (``zero_adam.prefetch``).
+      Any other read through a torch call waits for that parameter's gather first: an EMA,
+      ``model.state_dict()``, ``F.linear(x, child.weight)``, ``param.data``. Not seen: a read from
+      another thread, or a ``torch.distributed`` call on the parameter tensor itself; call
+      ``opt.wait_params()`` before those, or pass ``False`` (``step()`` then returns with the
+      model current, at the cost of the gather's time).
     * ``nonfinite``: what a step does when the gradient holds an inf or NaN (without a loss
       scaler): ``"skip"`` it on every rank, touching no state, or ``"raise"`` an error naming the
       parameters. With fp16 loss scaling, overflowing steps are always skipped.
@@ -59,7 +67,7 @@ class ShardingOptions:
     reduce_collective: str = "auto"
     gather_collective: str = "auto"
     sync_params: bool = True
-    overlap_gather: bool = False
+    overlap_gather: bool = True
     max_inflight: int = 2
     nonfinite: str = "skip"
     master: str = "fp32"
