@@ -98,7 +98,7 @@ def worker(name: str, out: str) -> None:
     plan = plan_params(param_groups(meta, optim), param_dtype=dtype if dtype != torch.float32 else None,
                        bucket_mb=optim.bucket_mb, world_size=rt.dp_size,
                        tp_rule=lambda n, s: tensor_parallel.local_shape(n, s, tp))
-    states = estimate(plan, rt.dp_size, stage=optim.stage).device.total
+    states = estimate(plan, rt.dp_size, stage=optim.stage, backend=rt.backend).device.total
     acts = activation_bytes(MODEL, micro_batch=micro, seq_len=seq, tp=tp, checkpoint_every=every,
                             dtype=dtype)
     row = {"rank": rt.rank, "measured": measured, "states": states, "activations": acts.as_dict(),

@@ -101,7 +101,7 @@ def zero_states(name: str, k: int, world: int) -> int:
         meta = build_model(shape(k))
     plan = plan_params(meta.parameters(), param_dtype=dtype, world_size=world)  # as methods.zero_adam
     est = estimate(plan, world, stage=stage, grad_dtype=opts.get("grad_dtype"),
-                   master=opts.get("master", "fp32"))
+                   master=opts.get("master", "fp32"), backend="gloo")
     return max(est.device.total, 4 * n_params(k))
 
 

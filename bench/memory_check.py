@@ -34,13 +34,12 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from shapes import LLAMA as MODEL  # noqa: E402
 
 from launch import runtime  # noqa: E402
 from launch.model import Llama  # noqa: E402
 from zero_adam import ZeroAdamW  # noqa: E402
 from zero_adam.memory import FIELDS, estimate, plan_params  # noqa: E402
-
-from worker import MODEL  # noqa: E402
 
 OPTIONS = {
     "stage1": dict(stage=1),
@@ -80,7 +79,8 @@ def worker(option: str, out: str) -> None:
     grown = rss() - before
     plan = plan_params(Llama(MODEL).to("meta").parameters(), param_dtype=dtype,
                        world_size=dist.get_world_size())
-    e = estimate(plan, dist.get_world_size(), stage=kw["stage"], master=kw.get("master", "fp32")).device
+    e = estimate(plan, dist.get_world_size(), stage=kw["stage"], master=kw.get("master", "fp32"),
+                 backend=dist.get_backend()).device
     got = opt.memory_report()
     row = {"rank": dist.get_rank(), "report": got, "plan": {f: getattr(e, f) for f in FIELDS},
            "plan_total": e.total, "original_params": original, "rss_growth": grown,

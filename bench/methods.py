@@ -7,6 +7,7 @@ moments) as the method itself allocates it.
 
 from __future__ import annotations
 
+import ast
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ LR, BETAS, WD, CLIP = 1e-3, (0.9, 0.95), 0.1, 1.0  # every method clips the glob
 class Method:
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     state_bytes: Callable[[], int]
+    finish: Callable[[], None] = lambda: None   # complete communication still in flight after step()
+    describe: Callable[[], dict] = dict         # settings worth reporting (zero-adam's collectives)
 
 
 def _loss(model, x, y):
@@ -50,16 +53,23 @@ def zero_adam(model, stage: int, **kw) -> Method:
                     max_grad_norm=CLIP, **kw)
 
     def step(x, y):
-        loss = _loss(model, x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        with comm_count.phase("forward"):
+            loss = _loss(model, x, y)
+        with comm_count.phase("backward"):
+            loss.backward()
+        with comm_count.phase("step"):
+            opt.step()
+            opt.zero_grad()
         return loss
 
     def state_bytes():
         r = opt.memory_report()
         return r["master"] + r["exp_avg"] + r["exp_avg_sq"]
-    return Method(step, state_bytes)
+
+    def describe():
+        return {"gradients": opt.comm.reduce_collective, "parameters": opt.comm.gather_collective,
+                "overlap_gather": opt._prefetch is not None, "buckets": len(opt.buckets)}
+    return Method(step, state_bytes, opt.wait_params, describe)
 
 
 def _ddp_wrap(model, device):
@@ -73,13 +83,23 @@ def _ddp_wrap(model, device):
 def _clipped_step(forward, model, opt) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The plain torch loop every non-zero-adam baseline shares: backward, clip, step, zero."""
     def step(x, y):
-        loss = _loss(forward, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with comm_count.phase("forward"):
+            loss = _loss(forward, x, y)
+        with comm_count.phase("backward"):
+            loss.backward()
+        with comm_count.phase("step"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss
     return step
+
+
+def floor(model) -> Method:
+    """The no-communication floor: DDP's loop without DDP (forward, backward, local clip, fused
+    AdamW over the full model). No method that averages gradients can be faster."""
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD, fused=True)
+    return Method(_clipped_step(model, model, opt), lambda: _torch_state_bytes(opt))
 
 
 def ddp(model, device) -> Method:
@@ -109,9 +129,12 @@ def deepspeed_zero(model, stage: int, micro_batch: int) -> Method:
                                                 dist_init_required=False)
 
     def step(x, y):
-        loss = _loss(engine, x, y)
-        engine.backward(loss)
-        engine.step()
+        with comm_count.phase("forward"):
+            loss = _loss(engine, x, y)
+        with comm_count.phase("backward"):
+            engine.backward(loss)
+        with comm_count.phase("step"):
+            engine.step()
         return loss
 
     def state_bytes():
@@ -131,16 +154,40 @@ def fsdp2(model) -> Method:
     return Method(_clipped_step(model, model, opt), lambda: _torch_state_bytes(opt))
 
 
+VARIANTS = {  # named option sets after a colon: zero-adam-2:no-overlap
+    "no-overlap": {"overlap_gather": False},
+    "overlap": {"overlap_gather": True},
+    "rs-ag": {"reduce_collective": "reduce_scatter", "gather_collective": "all_gather"},
+    "ar-ar": {"reduce_collective": "all_reduce", "gather_collective": "all_reduce"},
+}
+
+
+def zero_adam_options(variant: str) -> dict:
+    """``""``: the library's defaults (nothing passed); a name from ``VARIANTS``; or explicit
+    options, ``key=value`` separated by ``+`` (``bucket_mb=50+overlap_gather=False``)."""
+    if not variant:
+        return {}
+    if variant in VARIANTS:
+        return dict(VARIANTS[variant])
+    out = {}
+    for item in variant.split("+"):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"zero-adam variant {item!r}: use one of {sorted(VARIANTS)} or key=value")
+        out[key] = ast.literal_eval(value) if value[:1].isdigit() or value in ("True", "False", "None") \
+            else value
+    return out
+
+
 def build(name: str, model, device, micro_batch: int) -> Method:
-    """zero-adam as the launcher runs it (overlap_gather on), plus variants after a colon:
-    ``zero-adam-2:no-overlap`` (the library default) and ``zero-adam-2:rs-ag`` (reduce-scatter +
-    all-gather: the minimal traffic, 2(N-1)/N x 4 bytes per param, instead of gloo's all-reduces)."""
+    """``zero-adam-<stage>`` is ``ZeroAdamW(params, stage=...)`` with the library's defaults (only
+    the shared hyperparameters and clipping passed); ``zero-adam-2:<variant>`` changes options
+    (``zero_adam_options``). ``floor``: every rank trains alone, no collective at all."""
     if name.startswith("zero-adam-"):
         stage, _, variant = name.removeprefix("zero-adam-").partition(":")
-        kw = {"overlap_gather": variant != "no-overlap"}
-        if variant == "rs-ag":
-            kw.update(reduce_collective="reduce_scatter", gather_collective="all_gather")
-        return zero_adam(model, int(stage), **kw)
+        return zero_adam(model, int(stage), **zero_adam_options(variant))
+    if name == "floor":
+        return floor(model)
     if name == "ddp":
         return ddp(model, device)
     if name == "torch-zero":

@@ -24,12 +24,12 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from shapes import LLAMA as MODEL  # noqa: E402
 
 from launch import runtime  # noqa: E402
 from launch.model import Llama  # noqa: E402
 
 import methods  # noqa: E402
-from worker import MODEL  # noqa: E402
 
 
 def build(name: str, rt):

@@ -1,13 +1,16 @@
-"""The benchmark harness's own logic: ratios, the target verdicts, and the GPU check's code path on CPU.
+"""The benchmark harness's own logic: ratios, traffic directions, the target verdicts, one real
+interleaved job, and the GPU check's code path on CPU.
 
 The benchmark itself is too slow for the suite (and performance is never asserted in tests); what is
-tested is that the numbers it prints are computed from the run, and that ``bench/gpu_check.py``, which
-only runs where a GPU is lent, does not fail on its first real use.
+tested is that the numbers it prints are computed from the run, that its harness measures what it
+says (same loss for every method, bytes by direction), and that ``bench/gpu_check.py``, which only
+runs where a GPU is lent, does not fail on its first real use.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,39 +24,95 @@ import run  # noqa: E402
 
 import report  # noqa: E402
 
+MB = 10 ** 6
 
-def _job(state_bytes: int, loss: float) -> dict:
-    return {"step_times": [1.0], "state_bytes": state_bytes, "peak_rss": 2 ** 30, "final_loss": loss,
-            "comm_bytes_per_step": {"all_reduce": 8 * 10 ** 6, "broadcast": 0}, "params": 10 ** 6,
-            "world_size": 2}
+
+def _method(times: list[float], state_bytes: int, loss: float, by_phase: dict) -> dict:
+    return {"step_times": times, "state_bytes": state_bytes, "peak_rss": 2 ** 30, "final_loss": loss,
+            "params": MB, "by_phase_per_step": by_phase, "collectives": {}}
 
 
 def test_round_ratio_is_the_median_of_per_round_ratios() -> None:
     rounds = {"a": [2.0, 1.0, 9.0], "b": [1.0, 1.0, 3.0]}
     assert run.round_ratio(rounds, "a", "b") == 2.0
     assert run.round_ratio(rounds, "a", "missing") is None
+    assert run.round_excess(rounds, "a", "b") == 1.0
+
+
+def test_traffic_is_split_by_direction() -> None:
+    """Gradients travel in backward or as a reduce-scatter; parameters in forward/step or as an
+    all-gather (FSDP2's re-gather in backward too); a few bytes are scalars."""
+    zero = run.directions({"send in backward": 2 * MB, "send in step": 2 * MB, "all_reduce in step": 48})
+    assert zero == {"gradients": {"send": 2 * MB}, "parameters": {"send": 2 * MB},
+                    "scalars": {"all_reduce": 48}}
+    fsdp = run.directions({"all_gather in forward": 2 * MB, "all_gather in backward": MB,
+                           "reduce_scatter in backward": 2 * MB})
+    assert fsdp["gradients"] == {"reduce_scatter": 2 * MB} and fsdp["parameters"] == {"all_gather": 3 * MB}
+    ds = run.directions({"all_reduce in backward": 4 * MB, "all_gather in step": 2 * MB})
+    assert ds["gradients"] == {"all_reduce": 4 * MB} and ds["parameters"] == {"all_gather": 2 * MB}
+    assert run.directions({"all_reduce in step": 4 * MB})["parameters"] == {"all_reduce": 4 * MB}
 
 
 def test_report_judges_targets_from_the_run(tmp_path: Path) -> None:
-    jobs = {"ddp": _job(8 * 10 ** 6, 2.5), "zero-adam-2": _job(4 * 10 ** 6, 2.5),
-            "deepspeed-2": _job(6 * 10 ** 6, 2.50001)}
-    rounds = {"ddp": [1.0, 1.2, 1.1], "zero-adam-2": [0.9, 1.08, 1.1], "deepspeed-2": [1.5, 1.8, 1.54]}
-    summary = run.summarize(jobs, rounds)
-    assert summary["methods"]["zero-adam-2"]["ratio_to_ddp"] == pytest.approx(0.9)
-    summary["kernel"] = {"numel": 16, "device": "cpu", "threads": 1, "fused_flat_s": 1e-3,
-                         "fused_params_per_s": 1e9, "fused_GBps": 20.0, "stream_GBps": 16.0,
-                         "fused_vs_stream": 1.25, "foreach_over_fused": 4.0, "fused_16_pieces_s": 1e-3}
-    summary["setup"] = {"nproc": 2, "device": "cpu", "reps": 1, "steps": 3, "warmup": 1, "minutes": 1.0,
-                        "date": "2026-01-01", "command": "python bench/run.py"}
+    ar = {"all_reduce in backward": 4 * MB}
+    job = {"model": "gpt", "micro_batch": 4, "world_size": 2, "methods": {
+        "floor": _method([0.8, 0.9, 0.8], 8 * MB, 2.4, {}),
+        "ddp": _method([1.0, 1.2, 1.1], 8 * MB, 2.5, ar),
+        "zero-adam-2": _method([0.9, 1.08, 1.1], 4 * MB, 2.5,
+                               {"send in backward": 2 * MB, "send in step": 2 * MB}),
+        "deepspeed-2": _method([1.5, 1.8, 1.54], 6 * MB, 2.50001, {**ar, "all_gather in step": 2 * MB}),
+    }}
+    c = run.summarize(job)
+    z = c["methods"]["zero-adam-2"]
+    assert z["ratio_to_ddp"] == pytest.approx(0.9) and z["over_floor_s"] == pytest.approx(0.18)
+    assert c["methods"]["ddp"]["over_floor_s"] == pytest.approx(0.3)
+    summary = {"configs": {"gpt x4": c}, "peak_rss": {"ddp": 2 ** 30},
+               "kernel": {"numel": 16, "device": "cpu", "threads": 1, "fused_flat_s": 1e-3,
+                          "fused_params_per_s": 1e9, "fused_GBps": 20.0, "stream_GBps": 16.0,
+                          "fused_vs_stream": 1.25, "foreach_over_fused": 4.0, "fused_16_pieces_s": 1e-3},
+               "setup": {"nproc": 2, "device": "cpu", "rounds": 3, "block": 3, "warmup": 1, "minutes": 1.0,
+                         "memory_config": "gpt x4", "date": "2026-01-01", "command": "python bench/run.py"}}
     out = tmp_path / "benchmarks.md"
     report.write(out, summary)
     text = out.read_text()
-    assert "| zero-adam-2 | 1.080 [" in text and "| 0.90x |" in text
-    assert "<= 1.0x DDP + fused AdamW: **met**, 0.90x" in text
-    assert "<= 0.5x DeepSpeed ZeRO-2: **missed**, 0.60x" in text
-    assert "8/N bytes/param: **met**, 4.00 bytes/param at N=2" in text
-    assert "agree across all 3 methods to 1.0e-05" in text
+    assert "| gpt x4 | **met**, 0.900x | **met**, 180 vs 300 |" in text
+    assert "| zero-adam-2 | 1.080 [" in text and "| 2.00 (send) | 2.00 (send) | 2.50000 |" in text
+    assert "| ddp | 1.100 [" in text and "| 4.00 (all_reduce) | - |" in text
+    assert "1.0e-05 (3 methods)" in text            # the floor trains alone: not in the agreement
+    assert "| ddp | 7.6 MiB | 8.00 | 1024 MiB |" in text
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_worker_runs_every_kind_of_method_on_the_same_data(tmp_path: Path) -> None:
+    """One real interleaved job, 2 gloo ranks, the GPT (nn.MultiheadAttention) model: every method
+    that averages gradients ends at the same loss (the floor does not average), and at the
+    library's defaults zero-adam sends exactly DDP's bytes per step: half as gradients by
+    exchange in backward, half as parameters by exchange after the step."""
+    out = tmp_path / "t.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(ROOT / "bench" / "worker.py"), "--out", str(out), "--model", "gpt", "--micro-batch", "1",
+         "--rounds", "1", "--block", "2", "--warmup", "1", "--interleave", "floor", "ddp", "zero-adam-2",
+         "zero-adam-2:no-overlap", "zero-adam-2:ar-ar"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    c = run.summarize(json.loads(out.read_text()))
+    rows = c["methods"]
+    n = rows["ddp"]["params"]
+    assert n == 16_870_400 and all(r["samples"] == 1 for r in rows.values())
+    losses = {m: r["final_loss"] for m, r in rows.items()}
+    assert max(abs(v - losses["ddp"]) for m, v in losses.items() if m != "floor") < 1e-4, losses
+    assert abs(losses["floor"] - losses["ddp"]) > 1e-4, "the floor must train on its own rank's data only"
+    z = rows["zero-adam-2"]
+    assert z["collectives"] == {"gradients": "exchange", "parameters": "exchange", "overlap_gather": True,
+                                "buckets": 3}
+    assert z["sent"]["gradients"] == {"send": pytest.approx(2 * n, rel=1e-3)}
+    assert z["sent"]["parameters"] == {"send": pytest.approx(2 * n, rel=1e-3)}
+    assert rows["ddp"]["sent"]["gradients"] == {"all_reduce": pytest.approx(4 * n, rel=1e-3)}
+    assert rows["zero-adam-2:ar-ar"]["sent"]["parameters"] == {"all_reduce": pytest.approx(4 * n, rel=1e-3)}
+    assert rows["floor"]["sent"] == {"gradients": {}, "parameters": {}, "scalars": {}}
+    assert rows["zero-adam-2:no-overlap"]["collectives"]["overlap_gather"] is False
 
 
 def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
