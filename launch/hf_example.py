@@ -60,9 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume-at", type=int, help="accelerator.load_state(--state-dir), continue at this step")
     p.add_argument("--state-dir", default="runs/hf_example/state")
     p.add_argument("--out", help="write the losses as JSON (rank 0)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                   help="Accelerate's autocast (the FP32 weights and optimizer stay FP32)")
     a = p.parse_args(argv)
     from accelerate import Accelerator
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=a.accum)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=a.accum,
+                              mixed_precision=a.mixed_precision)
     model, opt, sched = build(a.mode, accelerator, a)
     corpus = load_corpus(DataConfig(max_bytes=1_000_000), a.seq_len, 256)
     world, rank = accelerator.num_processes, accelerator.process_index

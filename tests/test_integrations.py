@@ -55,6 +55,18 @@ def test_accelerate_accumulation_both_stages_on_one_and_two_processes(tmp_path, 
         assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4, (nproc, stage, list(zip(got, ref)))
 
 
+def test_accelerate_bf16_autocast_applies_to_zero_adam_models(tmp_path):
+    """mixed_precision="bf16" autocasts the forward of a model prepared through
+    zero_adam.integrations.accelerate.prepare exactly as accelerator.prepare does for DDP + AdamW
+    (Trainer's bf16=True goes the same way): the bf16 losses agree, and differ from FP32's."""
+    args = ("--steps", "3", "--accum", "1")
+    bf16 = {m: example(tmp_path, "--mode", m, "--mixed-precision", "bf16", *args, nproc=1)["losses"]
+            for m in ("ddp", "zero")}
+    fp32 = example(tmp_path, "--mode", "zero", *args, nproc=1)["losses"]
+    assert max(abs(a - b) for a, b in zip(bf16["zero"], bf16["ddp"])) < 1e-4, bf16
+    assert max(abs(a - b) for a, b in zip(bf16["zero"], fp32)) > 1e-4, "bf16 autocast did not engage"
+
+
 def test_accelerate_save_and_load_state_round_trip(runs):
     assert runs["resumed"]["start"] == 6
     assert runs["resumed"]["losses"] == runs["zero"]["losses"][12:], "resumed run must continue exactly"

@@ -13,7 +13,8 @@
     accelerator.save_state("ckpt")                                # and load_state("ckpt")
 
 ``prepare`` returns what ``accelerator.prepare`` would, except that the model is not wrapped in
-DDP (ZeroAdamW reduces gradients itself) and the optimizer's state is saved by
+DDP (ZeroAdamW reduces gradients itself; mixed-precision autocast and ``torch.compile`` are applied
+as Accelerate applies them) and the optimizer's state is saved by
 ``zero_adam.checkpoint`` (every rank its shard, loadable on any world size) instead of
 Accelerate's main-process ``optimizer.bin``. ``accumulate(model)`` maps onto ``opt.no_sync()``,
 ``clip_grad_norm_`` onto ZeroAdamW's global norm.
@@ -45,8 +46,11 @@ def prepare(accelerator: Any, model: nn.Module, optimizer: ZeroAdamW, *objects: 
         raise ValueError(f"the model's parameters are on {sorted(map(str, devices))} but the accelerator "
                          f"runs on {accelerator.device}: move the model with model.to(accelerator.device) "
                          "*before* creating ZeroAdamW (it binds the parameters in place)")
-    model.no_sync = optimizer.no_sync           # what accelerator.no_sync/accumulate look for
-    accelerator._models.append(model)
+    # Accelerate's own preparation without its DDP wrap: mixed-precision autocast (bf16=True) and
+    # torch.compile when configured; the parameters stay where ZeroAdamW bound them.
+    prepared = accelerator.prepare_model(model, device_placement=False, evaluation_mode=True)
+    for m in {id(model): model, id(prepared): prepared}.values():
+        m.no_sync = optimizer.no_sync           # what accelerator.no_sync/accumulate look for
     wrapped = AcceleratedOptimizer(optimizer, device_placement=False, scaler=None)
 
     def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0):
@@ -68,4 +72,4 @@ def prepare(accelerator: Any, model: nn.Module, optimizer: ZeroAdamW, *objects: 
     accelerator.register_load_state_pre_hook(load_hook)
     rest = accelerator.prepare(*objects) if objects else ()
     rest = rest if isinstance(rest, tuple) else (rest,)
-    return (model, wrapped, *rest)
+    return (prepared, wrapped, *rest)
