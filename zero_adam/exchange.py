@@ -50,6 +50,7 @@ class Exchange:
         self._tag = 0
         self._free: list[torch.Tensor] = []     # receive buffers not in use
         self._reducing: deque = deque()          # (pending, buffer) of reductions in flight
+        self.max_reducing = RECV_BUFFERS
 
     def _next_tag(self) -> int:
         tag, self._tag = self._tag, (self._tag + 1) % _TAGS
@@ -80,7 +81,7 @@ class Exchange:
         caller's pending object, which is returned; ``finish`` (run once, by its ``wait``) adds
         the received contributions, divides by N and frees the receive buffer.
         """
-        while len(self._reducing) >= RECV_BUFFERS:
+        while len(self._reducing) >= self.max_reducing:
             self._reducing[0][0].wait()
         size, tag = self._split(full, lo, hi), self._next_tag()
         recv = self._take((self.world_size - 1) * size, full.dtype, full.device)
@@ -111,7 +112,7 @@ class Exchange:
             best = min(fits, key=torch.Tensor.numel)
             self._free = [t for t in self._free if t is not best]
             return best[:numel]
-        if len(self._free) + len(self._reducing) >= RECV_BUFFERS and self._free:
+        if len(self._free) + len(self._reducing) >= self.max_reducing and self._free:
             self._free.pop(0)
         return torch.empty(numel, dtype=dtype, device=device)
 
