@@ -10,8 +10,8 @@ DEFAULTS = "zero-adam-2"   # ZeroAdamW(params, stage=2) with the library's defau
 
 
 def write(path: Path, summary: dict) -> None:
-    setup, configs = summary["setup"], summary["configs"]
-    first = next(iter(configs.values()))
+    setup, configs, field = summary["setup"], summary["configs"], summary.get("field")
+    first = next(iter(configs.values())) if configs else field
     lines = [
         "# Benchmarks",
         "",
@@ -26,24 +26,29 @@ def write(path: Path, summary: dict) -> None:
         "library's defaults; `:no-overlap` and `:ar-ar` change one default each (parameters gathered "
         "inside `step()`; both directions as all-reduces, the gloo choice before exchanges).",
         "",
-        f"Timing: one job per configuration; each round runs {setup['block']} consecutive steps of every "
-        f"method in turn (rotating order; the first step of each block untimed, so a timed step starts "
-        f"where a training loop's does, with the previous step's overlapped communication in flight), "
-        f"{setup['rounds']} timed rounds after {setup['warmup']} warm-up round(s). Medians over the timed "
-        "steps; `vs DDP` and `vs floor` are medians of per-round ratios, `above floor` the median "
-        "per-round difference: what the method's communication and bookkeeping cost.",
+        f"Timing: one job per configuration for the verdict (floor, DDP, zero-adam-2; "
+        f"{setup['rounds']} rounds) and one job for the whole field ({setup.get('field', '-')}, "
+        f"{setup.get('field_rounds', '-')} rounds). Each round runs {setup['block']} consecutive "
+        "steps of every method in turn (rotating order; the first step of each block untimed, so a "
+        "timed step starts where a training loop's does, with the previous step's overlapped "
+        "communication in flight; the block's communication finished untimed before the next "
+        f"method), after {setup['warmup']} warm-up round(s). Medians over the timed steps; `vs DDP` "
+        "and `vs floor` are medians of per-round ratios, `above floor` the median per-round "
+        "difference: what the method's communication and bookkeeping cost.",
         "",
         *targets(summary),
     ]
     for key, c in configs.items():
         lines += ["", *config_table(key, c)]
+    if field:
+        lines += ["", *config_table(f"All methods, {setup['field']}", field)]
     lines += ["", *memory_table(summary), "", *kernel_lines(summary["kernel"]), "",
               "![step time relative to DDP](benchmarks.png)"]
     extra = path.parent / "benchmarks_notes.md"
     if extra.exists():
         lines += ["", extra.read_text().strip()]
     path.write_text("\n".join(lines) + "\n")
-    chart(path.with_suffix(".png"), configs)
+    chart(path.with_suffix(".png"), configs, field)
 
 
 def _fmt_ratio(v: float | None) -> str:
@@ -80,17 +85,19 @@ def model_name(model: str) -> str:
 
 
 def memory_table(summary: dict) -> list[str]:
-    configs, rss = summary["configs"], summary.get("peak_rss", {})
-    first = next(iter(configs.values()))["methods"]
-    n, world = next(iter(first.values()))["params"], next(iter(configs.values()))["world_size"]
-    lines = [f"## Memory ({summary['setup']['memory_config']})", "",
-             "| method | optimizer state / rank | bytes/param | peak RSS / rank (own job) |",
-             "| --- | --- | --- | --- |"]
-    for m, r in first.items():
-        peak = f"{rss[m] / MIB:.0f} MiB" if m in rss else "-"
-        lines.append(f"| {m} | {r['state_bytes'] / MIB:.1f} MiB | {r['state_bytes'] / n:.2f} | {peak} |")
+    field = summary.get("field") or next(iter(summary["configs"].values()))
+    rss, rows = summary.get("peak_rss", {}), field["methods"]
+    n, world = next(iter(rows.values()))["params"], field["world_size"]
+    lines = [f"## Optimizer state ({field['model']} x{field['micro_batch']})", "",
+             "| method | optimizer state / rank | bytes/param |"
+             + (" peak RSS / rank (own job) |" if rss else ""),
+             "| --- | --- | --- |" + (" --- |" if rss else "")]
+    for m, r in rows.items():
+        peak = (f" {rss[m] / MIB:.0f} MiB |" if m in rss else " - |") if rss else ""
+        lines.append(f"| {m} | {r['state_bytes'] / MIB:.1f} MiB | {r['state_bytes'] / n:.2f} |{peak}")
     lines += ["", "AdamW's state is 8 bytes/param (12 with a separate FP32 master); at "
-              f"N={world} ZeRO shards it to 8/N = {8 / world:.2f}. Bytes sent are what a rank sends per "
+              f"N={world} ZeRO shards it to 8/N = {8 / world:.2f}. Peak memory per method and the largest "
+              "model each trains: `docs/capacity.md`. Bytes sent are what a rank sends per "
               "step: a ring all-reduce 2(N-1)/N x the tensor, reduce-scatter and all-gather (N-1)/N x "
               "the full tensor, broadcast the tensor, a point-to-point send its tensor "
               "(`bench/comm_count.py`)."]
@@ -142,23 +149,32 @@ def targets(summary: dict) -> list[str]:
     return lines
 
 
-def chart(path: Path, configs: dict) -> None:
+def chart(path: Path, configs: dict, field: dict | None = None) -> None:
+    """Left: zero-adam-2 and DDP against the floor per configuration; right: the field vs DDP."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(next(iter(configs.values()))["methods"])
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / max(1, len(configs))
-    for i, (key, c) in enumerate(configs.items()):
-        ratios = [(c["methods"].get(m) or {}).get("ratio_to_ddp") or 0 for m in names]
-        ax.barh([j + i * width for j in range(len(names))], ratios, height=width, label=key)
-    ax.set_yticks([j + width * (len(configs) - 1) / 2 for j in range(len(names))], names)
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("step time / DDP step time, median of per-round ratios (lower is better)")
-    ax.invert_yaxis()
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    keys = list(configs)
+    shown = [m for m in ("ddp", DEFAULTS) if all(m in c["methods"] for c in configs.values())]
+    width = 0.8 / max(1, len(shown))
+    for i, m in enumerate(shown):
+        vals = [(configs[k]["methods"][m].get("ratio_to_floor") or 0) for k in keys]
+        a.bar([j + i * width for j in range(len(keys))], vals, width=width, label=m)
+    a.set_xticks([j + width * (len(shown) - 1) / 2 for j in range(len(keys))], keys)
+    a.axhline(1.0, color="k", lw=0.8)
+    a.set_ylabel("step time / floor step time (lower is better)")
+    a.legend(fontsize=8)
+    a.grid(axis="y", alpha=0.3)
+    if field:
+        names = list(field["methods"])
+        colors = ["tab:green" if m.startswith("zero-adam") else "tab:gray" for m in names]
+        b.barh(names, [field["methods"][m]["ratio_to_ddp"] or 0 for m in names], color=colors)
+        b.axvline(1.0, color="k", lw=0.8)
+        b.invert_yaxis()
+        b.set_xlabel(f"step time / DDP step time, {field['model']} x{field['micro_batch']}")
+        b.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

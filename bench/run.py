@@ -8,15 +8,18 @@ Every method trains the same model on the same data and seed on N ranks (CPU + g
 NCCL where there are GPUs), in every configuration of ``--models`` (bench/shapes.py: a Llama and a
 GPT built from ``nn.MultiheadAttention``, both ~16M FP32 parameters) x ``--micro-batches``.
 
-* Timing: one job per configuration in which every method runs on its own model copy in the same
-  processes, ``--block`` consecutive steps per method per round (the first one untimed, so each
-  timed step starts in the method's steady state), rotating the order every round; the shared
-  machine's slow phases hit all methods alike. Per method: median step time, the median of
-  per-round ratios to DDP and to the floor, and the median per-round time above the floor (what
-  the method's communication and bookkeeping cost). The same job records each method's bytes sent
-  per step by collective and by phase (forward, backward, step), its optimizer-state bytes and the
-  loss after its last step (every method but the floor averages gradients, so all must agree).
-* Memory: one job per method (first configuration) for its peak resident set.
+* Verdict jobs, one per configuration: the floor, DDP + fused AdamW and zero-adam stage 2 at the
+  library's defaults (``--verdict-methods``), ``--rounds`` rounds. In each round every method runs
+  ``--block`` consecutive steps in turn (order rotating; the first step of a block untimed, so
+  each timed step starts in the method's steady state, and the block's in-flight communication
+  finished untimed before another method runs): the shared machine's slow phases hit all alike.
+  Per method: median step time, the medians of per-round ratios to DDP and to the floor, and the
+  median per-round time above the floor (what communication and bookkeeping cost), bytes sent
+  per step by collective and phase (forward, backward, step), optimizer-state bytes and the loss
+  after the last step (every method but the floor averages gradients, so all must agree).
+* The field job: every method of ``--methods`` (DeepSpeed ZeRO-1/2, FSDP2, torch's ZeRO,
+  zero-adam variants) the same way, in one configuration (``--field``), ``--field-rounds`` rounds.
+* ``--memory``: one job per method of the field for its peak resident set.
 * Then the fused-step bandwidth (bench/kernel_bw.py).
 """
 
@@ -59,13 +62,16 @@ def run_job(names: list[str], model: str, micro_batch: int, out: Path, a: argpar
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--verdict-methods", nargs="+", default=["floor", "ddp", "zero-adam-2"])
     p.add_argument("--models", nargs="+", default=["llama", "gpt"], choices=["llama", "gpt"])
     p.add_argument("--micro-batches", nargs="+", type=int, default=[4, 8])
-    p.add_argument("--rounds", type=int, default=6, help="timed rounds per configuration")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds per verdict job")
+    p.add_argument("--methods", nargs="+", default=METHODS, help="the field (empty: no field job)")
+    p.add_argument("--field", default="llama x8", help="configuration of the field job: '<model> x<batch>'")
+    p.add_argument("--field-rounds", type=int, default=4)
     p.add_argument("--block", type=int, default=3, help="consecutive steps per method per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--no-memory", action="store_true", help="skip the per-method peak-RSS jobs")
+    p.add_argument("--memory", action="store_true", help="also one peak-RSS job per field method")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -73,31 +79,38 @@ def main() -> None:
     if a.device is None:
         import torch
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "ddp" not in a.methods:
-        p.error("--methods must include ddp: every ratio is taken against it")
+    for names in (a.verdict_methods, a.methods):
+        if names and "ddp" not in names:
+            p.error("--verdict-methods and --methods must include ddp: every ratio is taken against it")
+    field_model, _, field_mb = a.field.partition(" x")
     started = time.time()
-    configs, memory = {}, {}
+    configs, field, memory = {}, None, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for model in a.models:
-            for mb in a.micro_batches:
-                key = f"{model} x{mb}"
-                r = run_job(a.methods, model, mb, Path(tmp) / "timing.json", a, a.rounds, a.block, a.warmup)
-                if r is not None:
-                    configs[key] = summarize(r)
-                    print(key + ": " + ", ".join(f"{m} {row['ratio_to_ddp']:.3f}x"
-                                                 for m, row in configs[key]["methods"].items()), flush=True)
-        if not a.no_memory:
-            for m in a.methods:
-                r = run_job([m], a.models[0], a.micro_batches[-1], Path(tmp) / "memory.json", a, 1, 2, 0)
-                if r is not None:
-                    memory[m] = r["methods"][m]["peak_rss"]
+        jobs = [(f"{m} x{mb}", m, mb, a.verdict_methods, a.rounds)
+                for m in a.models for mb in a.micro_batches]
+        if a.methods:
+            jobs.append(("field", field_model, int(field_mb), a.methods, a.field_rounds))
+        for key, model, mb, names, rounds in jobs:
+            r = run_job(names, model, mb, Path(tmp) / "timing.json", a, rounds, a.block, a.warmup)
+            if r is None:
+                continue
+            row = summarize(r)
+            if key == "field":
+                field = row
+            else:
+                configs[key] = row
+            print(f"{key if key != 'field' else 'field ' + a.field}: " + ", ".join(
+                f"{m} {v['ratio_to_ddp']:.3f}x" for m, v in row["methods"].items()), flush=True)
+        for m in a.methods if a.memory else []:
+            r = run_job([m], field_model, int(field_mb), Path(tmp) / "memory.json", a, 1, 2, 0)
+            if r is not None:
+                memory[m] = r["methods"][m]["peak_rss"]
     kernel = subprocess.run([sys.executable, str(HERE / "kernel_bw.py"), "--threads", "1",
                              "--device", a.device], capture_output=True, text=True, check=True)
-    summary = {"configs": configs, "peak_rss": memory, "kernel": json.loads(kernel.stdout),
+    summary = {"configs": configs, "field": field, "peak_rss": memory, "kernel": json.loads(kernel.stdout),
                "setup": {"nproc": a.nproc, "device": a.device, "rounds": a.rounds, "block": a.block,
-                         "warmup": a.warmup, "minutes": (time.time() - started) / 60,
-                         "memory_config": f"{a.models[0]} x{a.micro_batches[-1]}",
-                         "date": time.strftime("%Y-%m-%d %H:%M"),
+                         "field_rounds": a.field_rounds, "field": a.field, "warmup": a.warmup,
+                         "minutes": (time.time() - started) / 60, "date": time.strftime("%Y-%m-%d %H:%M"),
                          "command": "python bench/run.py " + " ".join(sys.argv[1:])}}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

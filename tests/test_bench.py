@@ -66,18 +66,20 @@ def test_report_judges_targets_from_the_run(tmp_path: Path) -> None:
     z = c["methods"]["zero-adam-2"]
     assert z["ratio_to_ddp"] == pytest.approx(0.9) and z["over_floor_s"] == pytest.approx(0.18)
     assert c["methods"]["ddp"]["over_floor_s"] == pytest.approx(0.3)
-    summary = {"configs": {"gpt x4": c}, "peak_rss": {"ddp": 2 ** 30},
+    summary = {"configs": {"gpt x4": c}, "field": c, "peak_rss": {"ddp": 2 ** 30},
                "kernel": {"numel": 16, "device": "cpu", "threads": 1, "fused_flat_s": 1e-3,
                           "fused_params_per_s": 1e9, "fused_GBps": 20.0, "stream_GBps": 16.0,
                           "fused_vs_stream": 1.25, "foreach_over_fused": 4.0, "fused_16_pieces_s": 1e-3},
                "setup": {"nproc": 2, "device": "cpu", "rounds": 3, "block": 3, "warmup": 1, "minutes": 1.0,
-                         "memory_config": "gpt x4", "date": "2026-01-01", "command": "python bench/run.py"}}
+                         "field": "gpt x4", "field_rounds": 3, "date": "2026-01-01",
+                         "command": "python bench/run.py"}}
     out = tmp_path / "benchmarks.md"
     report.write(out, summary)
     text = out.read_text()
     assert "| gpt x4 | **met**, 0.900x | **met**, 180 vs 300 |" in text
     assert "| zero-adam-2 | 1.080 [" in text and "| 2.00 (send) | 2.00 (send) | 2.50000 |" in text
     assert "| ddp | 1.100 [" in text and "| 4.00 (all_reduce) | - |" in text
+    assert "## All methods, gpt x4" in text and "(gpt x4, 3 rounds)" in text
     assert "1.0e-05 (3 methods)" in text            # the floor trains alone: not in the agreement
     assert "| ddp | 7.6 MiB | 8.00 | 1024 MiB |" in text
     assert out.with_suffix(".png").stat().st_size > 1000
