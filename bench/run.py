@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["llama", "gpt"], choices=["llama", "gpt"])
     p.add_argument("--micro-batches", nargs="+", type=int, default=[4, 8])
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per verdict job")
-    p.add_argument("--methods", nargs="+", default=METHODS, help="the field (empty: no field job)")
+    p.add_argument("--methods", nargs="*", default=METHODS, help="the field (none: no field job)")
     p.add_argument("--field", default="llama x8", help="configuration of the field job: '<model> x<batch>'")
     p.add_argument("--field-rounds", type=int, default=4)
     p.add_argument("--block", type=int, default=3, help="consecutive steps per method per round")
@@ -75,7 +75,11 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--render", metavar="JSON", help="only rewrite the report from a saved benchmarks.json")
     a = p.parse_args()
+    if a.render:
+        report.write(Path(a.out), json.loads(Path(a.render).read_text()))
+        return
     if a.device is None:
         import torch
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,11 +170,12 @@ def summarize(job: dict) -> dict:
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
         rows[m] = {
             "step_s": statistics.median(ts), "step_s_iqr": [q[0], q[2]], "samples": len(ts),
-            "ratio_to_ddp": round_ratio(rounds, m, "ddp"),
+            "ratio_to_ddp": round_ratio(rounds, m, "ddp"), "minus_ddp_s": round_excess(rounds, m, "ddp"),
             "ratio_to_floor": round_ratio(rounds, m, "floor") if has_floor else None,
             "over_floor_s": round_excess(rounds, m, "floor") if has_floor else None,
             "state_bytes": r["state_bytes"], "final_loss": r["final_loss"], "params": r["params"],
             "sent": directions(r["by_phase_per_step"]), "collectives": r.get("collectives", {}),
+            "step_times": ts,
         }
     return {"model": job["model"], "micro_batch": job["micro_batch"], "world_size": job["world_size"],
             "methods": rows}

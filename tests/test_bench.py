@@ -76,7 +76,7 @@ def test_report_judges_targets_from_the_run(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks.md"
     report.write(out, summary)
     text = out.read_text()
-    assert "| gpt x4 | **met**, 0.900x | **met**, 180 vs 300 |" in text
+    assert "| gpt x4 | **met**, 0.900x | **met**, 180 vs 300; paired per round -100 |" in text
     assert "| zero-adam-2 | 1.080 [" in text and "| 2.00 (send) | 2.00 (send) | 2.50000 |" in text
     assert "| ddp | 1.100 [" in text and "| 4.00 (all_reduce) | - |" in text
     assert "## All methods, gpt x4" in text and "(gpt x4, 3 rounds)" in text
