@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .flat import BufferPool
+
 RECV_BUFFERS = 1   # reductions in flight at once, each holding one receive buffer
 _TAGS = 1 << 20    # tags cycle through this range: far more than the operations ever in flight
 
@@ -48,7 +50,7 @@ class Exchange:
         self.group, self.rank, self.world_size = group, rank, world_size
         self.peers = [dist.get_global_rank(group, j) for j in range(world_size)]
         self._tag = 0
-        self._free: list[torch.Tensor] = []     # receive buffers not in use
+        self._pool = BufferPool()                # receive buffers not in use
         self._reducing: deque = deque()          # (pending, buffer) of reductions in flight
         self.max_reducing = RECV_BUFFERS
 
@@ -84,7 +86,7 @@ class Exchange:
         while len(self._reducing) >= self.max_reducing:
             self._reducing[0][0].wait()
         size, tag = self._split(full, lo, hi), self._next_tag()
-        recv = self._take((self.world_size - 1) * size, full.dtype, full.device)
+        recv = self._pool.take((self.world_size - 1) * size, full.dtype, full.device)
         works, k = [], 0
         for j, peer in enumerate(self.peers):
             if j != self.rank:
@@ -98,25 +100,12 @@ class Exchange:
                 mine.add_(recv[i * size:(i + 1) * size])
             mine.div_(self.world_size)
             self._reducing.remove(entry)
-            self._free.append(entry[1])
+            self._pool.give(entry[1])
         pending = start(Works(works), finish)
         entry = (pending, recv if recv._base is None else recv._base)
         self._reducing.append(entry)
         return pending
 
-    def _take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A free receive buffer that holds ``numel`` (the smallest such), else a new one; the
-        free list never holds more buffers than were in use at once."""
-        fits = [t for t in self._free if t.dtype == dtype and t.device == device and t.numel() >= numel]
-        if fits:
-            best = min(fits, key=torch.Tensor.numel)
-            self._free = [t for t in self._free if t is not best]
-            return best[:numel]
-        if len(self._free) + len(self._reducing) >= self.max_reducing and self._free:
-            self._free.pop(0)
-        return torch.empty(numel, dtype=dtype, device=device)
-
     def nbytes(self) -> int:
         """Receive buffers held now, free or in use."""
-        held = self._free + [buf for _, buf in self._reducing]
-        return sum(t.numel() * t.element_size() for t in held)
+        return self._pool.nbytes() + sum(buf.numel() * buf.element_size() for _, buf in self._reducing)
