@@ -211,9 +211,14 @@ def outside_use(group, switch_at) -> dict:
     ref.direct = model.direct
     opt = ZeroAdamW(model.parameters(), lr=1e-2, process_group=group, bucket_mb=0.001, overlap_gather=True)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    events: list = []   # what step() did, in order: ("update" | "gather", bucket)
+    update_one, gather_one = opt._update_one, opt._gather_one
+    opt._update_one = lambda bi: (events.append(("update", bi)), update_one(bi))[1]
+    opt._gather_one = lambda bi: (events.append(("gather", bi)), gather_one(bi))[1]
     worst = 0.0
     b = MICRO // ws
     for step in range(6):
+        events.clear()
         if switch_at is not None and step == switch_at:
             model.direct = ref.direct = True
         x, y = batch(step, MICRO)
@@ -226,7 +231,8 @@ def outside_use(group, switch_at) -> dict:
         loss_fn(ref, x, y).backward()
         ref_opt.step()
         ref_opt.zero_grad()
-    return {"loss_diff": worst, "eager": sorted(opt._prefetch.eager), "order": opt._prefetch.order}
+    return {"loss_diff": worst, "eager": sorted(opt._prefetch.eager), "order": opt._prefetch.order,
+            "last_step": events, "buckets": len(opt.buckets)}
 
 
 def broken_prefetch(group) -> dict:

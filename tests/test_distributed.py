@@ -107,6 +107,17 @@ def test_overlap_waits_for_params_used_outside_their_module(behaviour):
         assert r["loss_diff"] < 1e-5, r
 
 
+def test_overlap_launches_each_gather_right_after_its_bucket_is_updated(behaviour):
+    """Once the forward order is known, step() updates the buckets in that order and launches
+    each bucket's gather before updating the next: the forward's first bucket travels while the
+    rest are being updated."""
+    for r in _only(behaviour, "outside_use", 2):
+        assert "error" not in r, r.get("trace")
+        assert r["buckets"] > 2 and sorted(r["order"]) == list(range(r["buckets"]))
+        expected = [(kind, bi) for bi in r["order"] for kind in ("update", "gather")]
+        assert [tuple(e) for e in r["last_step"]] == expected
+
+
 def test_overlap_guards_a_read_the_recorded_order_does_not_know(behaviour):
     """The forward switches to reading b's weight from the parent's code after the order was
     recorded: the per-read guard waits for the gather, so training stays exact."""

@@ -195,21 +195,34 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
         self._sync.finish()
         if not self._prepare_grads(self._clipped):
             return loss
-        for gi, group in enumerate(self.param_groups):
-            self._update(group, [fb for fb in self.buckets if fb.bucket.group == gi])
+        if self._prefetch is not None and self._prefetch.order is not None \
+                and all(fb.plain for fb in self.buckets):
+            # bucket by bucket in forward order, each gather launched as soon as its bucket is
+            # updated (offloaded or 16-bit state keeps its cross-bucket download overlap instead)
+            self._prefetch.launch(self._gather_one, prepare=self._update_one)
+        else:
+            for gi, group in enumerate(self.param_groups):
+                self._update(group, [fb for fb in self.buckets if fb.bucket.group == gi])
+            self._gather()
         self._sync.reset()
-        self._gather()
         return loss
 
+    def _update_one(self, bi: int) -> None:
+        """Update one bucket: with overlap_gather, the first bucket the forward needs is on the
+        wire while the others are still being updated."""
+        fb = self.buckets[bi]
+        self._update(self.param_groups[fb.bucket.group], [fb])
+
+    def _gather_one(self, bi: int):
+        fb = self.buckets[bi]
+        return self.comm.all_gather(fb.param_buffer, fb.lo, fb.hi, what=f"all-gather of bucket {bi}")
+
     def _gather(self) -> None:
-        """All-gather every bucket: asynchronously, in forward order, if overlap_gather."""
-        def one(bi: int):
-            fb = self.buckets[bi]
-            return self.comm.all_gather(fb.param_buffer, fb.lo, fb.hi, what=f"all-gather of bucket {bi}")
+        """All-gather every updated bucket: asynchronously, in forward order, if overlap_gather."""
         if self._prefetch is not None:
-            self._prefetch.launch(one)
+            self._prefetch.launch(self._gather_one)
         else:
-            for p in [one(bi) for bi in range(len(self.buckets))]:
+            for p in [self._gather_one(bi) for bi in range(len(self.buckets))]:
                 p.wait()
 
     def wait_params(self) -> None:

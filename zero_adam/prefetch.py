@@ -72,15 +72,22 @@ class GatherPrefetch:
         self._modules = weakref.WeakKeyDictionary()
 
     # -- called by the optimizer ---------------------------------------------------------------
-    def launch(self, gather: Callable[[int], Pending]) -> None:
-        """Launch every bucket's gather; wait now while the forward order is still unknown."""
+    def launch(self, gather: Callable[[int], Pending], prepare: Callable[[int], None] | None = None) -> None:
+        """Launch every bucket's gather (``prepare(bi)`` first, e.g. its update), in forward order;
+        wait now while that order is still unknown."""
         if self.order is None:
+            for bi in range(len(self.buckets)) if prepare else ():
+                prepare(bi)
             for p in [gather(bi) for bi in range(len(self.buckets))]:
                 p.wait()
             self._recording, self._touched = [], set()
             self._arm()
             return
-        self.pending = {bi: gather(bi) for bi in self.order}
+        self.pending = {}
+        for bi in self.order:
+            if prepare is not None:
+                prepare(bi)
+            self.pending[bi] = gather(bi)
         self._first_call = True
         self._arm()
         self._push_guard()
