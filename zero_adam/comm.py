@@ -128,26 +128,35 @@ class Comm:
         except RuntimeError as e:
             raise self._failure(what)(e) from e
 
-    def reduce_mean(self, full: torch.Tensor, lo: int, hi: int, what: str = "gradient reduction") -> Pending:
-        """Average ``full`` over the group so that ``full[lo:hi]`` holds this rank's mean shard.
+    def reduce_mean(self, full: torch.Tensor, lo: int, hi: int, what: str = "gradient reduction",
+                    out: torch.Tensor | None = None) -> Pending:
+        """Average ``full`` over the group so that ``full[lo:hi]`` holds this rank's mean shard
+        (or ``out``, a tensor of the shard's size and dtype, when given).
 
         The rest of ``full`` is left in an unspecified state (it may hold the whole mean).
         """
+        if out is not None and (out.numel() != hi - lo or out.dtype != full.dtype):
+            raise ValueError(f"reduce_mean: out has {out.numel()} {out.dtype} elements, the shard "
+                             f"{hi - lo} {full.dtype}")
         if not self.distributed:
-            return Pending()
+            return Pending(None, None if out is None else (lambda: out.copy_(full[lo:hi])))
         op = dist.ReduceOp.AVG if self._avg else dist.ReduceOp.SUM
         shard = full[lo:hi]
         self.traffic.add("reduce", full.numel() * full.element_size())
         what = f"{what} ({self.reduce_collective} of {full.numel() * full.element_size():,} bytes)"
         if self.reduce_collective == "exchange":
             return self._call(what, self.exchange.reduce, full, lo, hi,
-                              lambda works, finish: Pending(works, finish, self._failure(what)))
+                              lambda works, finish: Pending(works, finish, self._failure(what)), out)
         if self.reduce_collective == "all_reduce":
             work = self._call(what, dist.all_reduce, full, op=op, group=self.group, async_op=True)
         else:
             work = self._call(what, dist.reduce_scatter_single, shard, full, op=op, group=self.group,
                               async_op=True)
-        finish = None if self._avg else (lambda: shard.div_(self.world_size))
+        def finish() -> None:
+            if not self._avg:
+                shard.div_(self.world_size)
+            if out is not None:
+                out.copy_(shard)
         return Pending(work, finish, self._failure(what))
 
     def all_gather(self, full: torch.Tensor, lo: int, hi: int, what: str = "parameter all-gather") -> Pending:

@@ -9,8 +9,11 @@ rank it moves (N-1)/N of the bucket in each direction, the minimum (a ring does 
 * gather: each rank's shard goes to every other rank and lands in place; no copy, no arithmetic.
 * reduce: each rank sends shard j of its gradient buffer to rank j and receives the other ranks'
   contributions to its own shard into a receive buffer, then adds them in rank order and divides
-  by N. The receive buffers ((N-1)/N of a bucket each) are reused and bounded: at most
-  ``RECV_BUFFERS`` reductions are in flight; a further one first finishes the oldest.
+  by N (straight into the caller's gradient shard when it gives one). The receive buffers
+  ((N-1)/N of a bucket each) are reused and bounded: at most ``max_reducing`` reductions are in
+  flight (the optimizer's ``max_inflight``); a further one first finishes the oldest. With one,
+  the backward would stop at every bucket until the previous exchange completed (measured ~5%
+  slower on 2 CPU ranks).
 
 Shards are equal and in rank order, as the plan lays them out. Every rank issues its operations in
 the same order (the library's rule for collectives), so a counter gives both ends of each transfer
@@ -28,7 +31,7 @@ import torch.distributed as dist
 
 from .flat import BufferPool
 
-RECV_BUFFERS = 1   # reductions in flight at once, each holding one receive buffer
+RECV_BUFFERS = 2   # default reductions in flight at once, each holding one receive buffer
 _TAGS = 1 << 20    # tags cycle through this range: far more than the operations ever in flight
 
 
@@ -46,13 +49,13 @@ class Works:
 
 
 class Exchange:
-    def __init__(self, group: Any, rank: int, world_size: int) -> None:
+    def __init__(self, group: Any, rank: int, world_size: int, max_reducing: int = RECV_BUFFERS) -> None:
         self.group, self.rank, self.world_size = group, rank, world_size
         self.peers = [dist.get_global_rank(group, j) for j in range(world_size)]
         self._tag = 0
         self._pool = BufferPool()                # receive buffers not in use
         self._reducing: deque = deque()          # (pending, buffer) of reductions in flight
-        self.max_reducing = RECV_BUFFERS
+        self.max_reducing = max_reducing
 
     def _next_tag(self) -> int:
         tag, self._tag = self._tag, (self._tag + 1) % _TAGS
@@ -76,8 +79,9 @@ class Exchange:
         return Works(works)
 
     def reduce(self, full: torch.Tensor, lo: int, hi: int,
-               start: Callable[[Works, Callable[[], None]], Any]) -> Any:
-        """Start the reduction of ``full`` into ``full[lo:hi]`` (the mean over ranks).
+               start: Callable[[Works, Callable[[], None]], Any], out: torch.Tensor | None = None) -> Any:
+        """Start the reduction of ``full`` into ``full[lo:hi]`` (the mean over ranks), or into
+        ``out`` (same size and dtype: the sum is written there directly, one pass less).
 
         ``start(works, finish)`` wraps the transfers and the local finishing work into the
         caller's pending object, which is returned; ``finish`` (run once, by its ``wait``) adds
@@ -94,11 +98,12 @@ class Exchange:
                 works.append(dist.irecv(recv[k * size:(k + 1) * size], peer, group=self.group, tag=tag))
                 k += 1
         mine = full[lo:hi]
+        dest = mine if out is None else out
 
         def finish() -> None:
-            for i in range(self.world_size - 1):
-                mine.add_(recv[i * size:(i + 1) * size])
-            mine.div_(self.world_size)
+            for i in range(self.world_size - 1):   # rank order of the others, as before
+                torch.add(mine if i == 0 else dest, recv[i * size:(i + 1) * size], out=dest)
+            dest.div_(self.world_size)
             self._reducing.remove(entry)
             self._pool.give(entry[1])
         pending = start(Works(works), finish)

@@ -209,6 +209,11 @@ class FlatBucket:
             s = self.bucket.slots[i]
             full[s.offset:s.offset + s.numel].zero_()
 
+    def takes_reduced_directly(self, full: torch.Tensor) -> bool:
+        """Can a reduction write its mean straight into ``grad_shard`` (stage 2, same dtype)?"""
+        return not self.grad_shard_aliases_full and self.grad_shard.dtype == full.dtype \
+            and self.grad_shard.device == full.device
+
     def take_reduced(self, first: bool) -> None:
         """Move the reduced shard out of the full buffer into the FP32 gradient shard."""
         assert self.full_grad is not None

@@ -60,6 +60,7 @@ class _Track:
         self.pending: Pending | None = None
         self.launched_in = -1                # the pass that launched its last reduction
         self.reduced_once = False            # the gradient shard holds a reduction this step
+        self.direct = False                  # the reduction in flight writes the gradient shard itself
 
     def to(self, new: BucketState) -> None:
         if new not in _ALLOWED[self.state]:
@@ -266,8 +267,11 @@ class GradSync:
             fb.zero_slots(missing)
         t.to(BucketState.REDUCING)
         t.launched_in = self._pass
-        t.pending = self.comm.reduce_mean(fb.full_grad_buffer(), fb.lo, fb.hi,
-                                          what=f"gradient reduction of bucket {bi}")
+        full = fb.full_grad_buffer()
+        # the step's first reduction of the bucket may land straight in its gradient shard
+        t.direct = not t.reduced_once and fb.takes_reduced_directly(full)
+        t.pending = self.comm.reduce_mean(full, fb.lo, fb.hi, what=f"gradient reduction of bucket {bi}",
+                                          out=fb.grad_shard if t.direct else None)
         self._inflight.append(bi)
         while self.max_inflight is not None and len(self._inflight) > self.max_inflight:
             oldest = self._inflight[0]
@@ -283,7 +287,8 @@ class GradSync:
         t.pending = None
         if bi in self._inflight:
             self._inflight.remove(bi)
-        fb.take_reduced(first=not t.reduced_once)
+        if not t.direct:
+            fb.take_reduced(first=not t.reduced_once)
         t.reduced_once = True
         if self.release_full:
             fb.release_full_grad()

@@ -12,8 +12,8 @@ holds them equal). What is counted, per rank:
 * ``exp_avg``, ``exp_avg_sq``: the moment shards (``moments_dtype``; ``amsgrad`` adds a third).
 * ``buffers``: stage 2's bucket-sized gradient buffers in flight during backward (at most
   ``max_inflight`` reducing plus one filling per param group and dtype) and the FP32 cast of one
-  gradient shard when ``grad_dtype`` is 16-bit; on gloo, the exchange's receive buffers (two, each
-  (N-1)/N of a bucket). An upper bound; everything else is exact.
+  gradient shard when ``grad_dtype`` is 16-bit; on gloo, the exchange's receive buffers
+  (``max_inflight`` of them, each (N-1)/N of a bucket). An upper bound; everything else is exact.
 
 Activations, the autograd graph and allocator slack are the model's and the framework's and are
 not included. With ``offload="cpu"`` master and moments are host memory, reported separately.
@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .exchange import RECV_BUFFERS
 from .flat import bucket_reduce_dtype, master_dtype
 from .plan import Plan
 
@@ -114,7 +113,7 @@ def estimate(plan: Plan, world_size: int, *, stage: int = 2, reduce_dtype: torch
         dev["buffers"] += sum(everything[:live])
     dev["buffers"] += max_shard_cast
     if backend == "gloo" and world_size > 1:
-        dev["buffers"] += sum(sorted(recv_sizes, reverse=True)[:RECV_BUFFERS])
+        dev["buffers"] += sum(sorted(recv_sizes, reverse=True)[:max_inflight])
     n = sum(p.numel for p in plan.params)
     return Estimate(Bytes(**dev), Bytes(**host), world_size, n)
 

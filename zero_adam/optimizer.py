@@ -72,6 +72,8 @@ class ZeroAdamW(GradientPolicy, GroupGrowth, ShardedState, torch.optim.Optimizer
             validate.check_hyperparams(group, where=f"param group {gi}")
         self.comm = Comm(_dp_group(process_group, mesh, dp_dim), reduce_collective=reduce_collective,
                          gather_collective=gather_collective)
+        if self.comm.exchange is not None:   # gloo reductions in flight: as many as full buffers
+            self.comm.exchange.max_reducing = self.options.max_inflight
         tensors, specs = trainable_specs(self.param_groups, self.options.param_dtype)
         self.mesh = mesh  # kept for checkpoints of a DP x TP mesh smaller than the world
         tp_group = dtensor.tp_group(tensors)

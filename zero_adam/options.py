@@ -54,7 +54,8 @@ class ShardingOptions:
     * ``offload``: ``"cpu"`` keeps master weights and moments in (pinned) host memory and runs the
       update there, bucket by bucket, overlapping transfers with the next bucket's update.
     * ``max_inflight``: stage 2 keeps at most this many bucket-sized gradient buffers in flight
-      during backward (older reductions are finished first), bounding gradient memory.
+      during backward (older reductions are finished first), bounding gradient memory; on gloo
+      also the exchanges in flight, each with a receive buffer ((N-1)/N of a bucket).
     """
 
     stage: int = 2
