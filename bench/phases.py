@@ -1,18 +1,26 @@
-"""Where a step's time goes: forward, backward and optimizer step, per method, interleaved.
+"""Where a step's time goes: forward, backward and optimizer step, per method, and how much of it
+each rank spent idle (waiting for a peer or the wire) rather than computing.
 
-    DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node=2 bench/phases.py [--rounds 10] [--profile]
+    torchrun --standalone --nproc-per-node=2 bench/phases.py [--model llama|gpt] [--micro-batch 4]
+        [--rounds 16] [--methods floor ddp zero-adam-2 zero-adam-2:no-overlap] [--profile]
 
-DDP + fused AdamW, zero-adam stage 2 (overlap_gather on) and DeepSpeed ZeRO-2 train their own
-copy of the benchmark model; every round times one step of each (medians printed). Communication
+Methods are bench/methods.py's, each on its own copy of the model (same seed). Every round runs
+3 consecutive steps of each method (order rotating; the first untimed, so the timed ones start
+with the previous step's overlapped communication in flight, as in a training loop; the
+method's in-flight communication finished untimed before the next method runs), as
+bench/run.py does. Per phase: median wall time, and median *idle* time (wall minus the CPU time
+of all this process's threads, gloo's included): on CPU ranks that share cores, communication
+costs CPU wherever it runs, so what overlap can still win is the idle part. Communication
 overlapped with compute shows up inside forward (zero-adam's all-gather waits) or backward
-(gradient reductions); what is left in "step" is the optimizer and whatever waits it holds.
+(gradient reductions); "step" holds the optimizer and whatever waits it holds.
 ``--profile`` then runs two more steps of each under ``torch.profiler`` and prints, per method,
-the operators that take the most self time on rank 0 (where inside the phases the time goes).
+the operators with the most self time on rank 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -21,94 +29,101 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
+import shapes  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from shapes import LLAMA as MODEL  # noqa: E402
 
 from launch import runtime  # noqa: E402
-from launch.model import Llama  # noqa: E402
 
 import methods  # noqa: E402
 
-
-def build(name: str, rt):
-    torch.manual_seed(0)
-    model = Llama(MODEL).to(rt.device)
-    if name == "ddp":
-        fwd = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=methods.LR, fused=True)
-        return fwd, lambda loss: loss.backward(), lambda: (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), methods.CLIP), opt.step(), opt.zero_grad())
-    if name == "zero-adam-2":
-        from zero_adam import ZeroAdamW
-        opt = ZeroAdamW(model.parameters(), lr=methods.LR, stage=2, max_grad_norm=methods.CLIP,
-                        overlap_gather=True)
-        return model, lambda loss: loss.backward(), lambda: (opt.step(), opt.zero_grad())
-    import deepspeed
-    config = {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": methods.CLIP,
-              "zero_optimization": {"stage": 2, "overlap_comm": True},
-              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-    opt = torch.optim.AdamW(model.parameters(), lr=methods.LR, fused=True)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
-    return engine, engine.backward, engine.step
+PHASES = ("forward", "backward", "step")
 
 
-def one_step(fwd, backward, step, x: torch.Tensor) -> tuple[float, float, float]:
-    t0 = time.perf_counter()
-    with torch.profiler.record_function("## forward"):
-        loss = F.cross_entropy(fwd(x).float().flatten(0, 1), x.flatten())
-    t1 = time.perf_counter()
-    with torch.profiler.record_function("## backward"):
-        backward(loss)
-    t2 = time.perf_counter()
-    with torch.profiler.record_function("## step"):
-        step()
-    return t1 - t0, t2 - t1, time.perf_counter() - t2
+def cpu_s() -> float:
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
+def phase_marks() -> list[tuple[str, float, float]]:
+    """Time the phases through comm_count's phase markers, which every method's step() sets:
+    returns the list that receives (phase, wall s, CPU s) as they end."""
+    import comm_count
+    marks: list[tuple[str, float, float]] = []
+    original = comm_count.phase
+
+    class timed:
+        def __init__(self, name: str) -> None:
+            self.name, self.inner = name, original(name)
+
+        def __enter__(self):
+            self.inner.__enter__()
+            self.t, self.c = time.perf_counter(), cpu_s()
+
+        def __exit__(self, *exc):
+            marks.append((self.name, time.perf_counter() - self.t, cpu_s() - self.c))
+            return self.inner.__exit__(*exc)
+    comm_count.phase = timed
+    return marks
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama", choices=["llama", "gpt"])
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=16)
+    p.add_argument("--methods", nargs="+", default=["floor", "ddp", "zero-adam-2"])
+    p.add_argument("--profile", action="store_true", help="also print a torch.profiler operator table")
+    a = p.parse_args()
+    rt = runtime.init()
+    if any(m.startswith("deepspeed") for m in a.methods):
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=rt.backend)
+    marks, runs = phase_marks(), {}
+    for name in a.methods:
+        torch.manual_seed(0)
+        runs[name] = methods.build(name, shapes.build(a.model).to(rt.device), rt.device, a.micro_batch)
+    wall = {n: {ph: [] for ph in PHASES} for n in runs}
+    idle = {n: {ph: [] for ph in PHASES} for n in runs}
+    g = torch.Generator().manual_seed(rt.rank)
+    for r in range(a.rounds + 1):
+        for name in a.methods[r % len(a.methods):] + a.methods[:r % len(a.methods)]:
+            dist.barrier()
+            for k in range(3):
+                x = torch.randint(0, shapes.VOCAB, (a.micro_batch, shapes.SEQ), generator=g)
+                marks.clear()
+                runs[name].step(x.to(rt.device), x.to(rt.device))
+                if r and k:
+                    for ph, w, c in marks:
+                        wall[name][ph].append(w)
+                        idle[name][ph].append(w - c)
+            runs[name].finish()
+    if rt.is_main:
+        print(f"{a.model} x{a.micro_batch}, {rt.world_size} ranks, {a.rounds} rounds: median ms (idle ms)")
+        print("| method | forward | backward | step | total |")
+        print("| --- | --- | --- | --- | --- |")
+        for name in runs:
+            med = [(statistics.median(wall[name][ph]), statistics.median(idle[name][ph])) for ph in PHASES]
+            cells = [f"{w * 1e3:.0f} ({i * 1e3:.0f})" for w, i in med]
+            total = [sum(v) for v in zip(*(wall[name][ph] for ph in PHASES))]
+            print(f"| {name} | " + " | ".join(cells) + f" | {statistics.median(total) * 1e3:.0f} |")
+    if a.profile:
+        profile(runs, x, rt.is_main)
+    runtime.shutdown()
 
 
 def profile(runs: dict, x: torch.Tensor, is_main: bool) -> None:
     """Two steps per method under the torch profiler; rank 0 prints the top operators by self time."""
-    for name, (fwd, backward, step) in runs.items():
+    for name, run in runs.items():
         dist.barrier()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(2):
-                one_step(fwd, backward, step, x)
+                run.step(x, x)
+        run.finish()
         if is_main:
             print(f"\n### {name}: top operators by self CPU time (2 steps, rank 0)\n")
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14,
-                                              max_name_column_width=48)
-            print(table)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--profile", action="store_true", help="also print a torch.profiler operator table")
-    a = p.parse_args()
-    rt = runtime.init()
-    import deepspeed
-    deepspeed.init_distributed(dist_backend=rt.backend)
-    runs = {n: build(n, rt) for n in ("ddp", "zero-adam-2", "deepspeed-2")}
-    times = {n: {"forward": [], "backward": [], "step": [], "total": []} for n in runs}
-    g = torch.Generator().manual_seed(rt.rank)
-    for r in range(a.rounds + 2):
-        x = torch.randint(0, MODEL.vocab_size, (8, 128), generator=g)
-        for name, (fwd, backward, step) in runs.items():
-            dist.barrier()
-            f, b, s = one_step(fwd, backward, step, x)
-            if r >= 2:
-                for k, v in (("forward", f), ("backward", b), ("step", s), ("total", f + b + s)):
-                    times[name][k].append(v)
-    if rt.is_main:
-        print("| method | forward (ms) | backward (ms) | optimizer step (ms) | total (ms) |")
-        print("| --- | --- | --- | --- | --- |")
-        for name, ph in times.items():
-            print(f"| {name} | " + " | ".join(f"{statistics.median(ph[k]) * 1e3:.0f}"
-                                               for k in ("forward", "backward", "step", "total")) + " |")
-    if a.profile:
-        profile(runs, x, rt.is_main)
-    runtime.shutdown()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14,
+                                            max_name_column_width=48))
 
 
 if __name__ == "__main__":
