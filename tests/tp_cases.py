@@ -46,6 +46,7 @@ def tp_dp(stage: int) -> dict:
         ref_opt.step()
         ref_opt.zero_grad()
         out["norm_rel"] = max(out["norm_rel"], abs(opt.last_grad_norm - norm) / norm)
+        opt.wait_params()   # full_tensor() is a collective on the parameter itself: the guard cannot see it
         for p, q in zip(model.parameters(), ref.parameters()):
             full = p.full_tensor() if hasattr(p, "full_tensor") else p
             out["param"] = max(out["param"], (full.detach() - q.detach()).abs().max().item())
