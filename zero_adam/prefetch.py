@@ -73,11 +73,10 @@ class GatherPrefetch:
 
     # -- called by the optimizer ---------------------------------------------------------------
     def launch(self, gather: Callable[[int], Pending], prepare: Callable[[int], None] | None = None) -> None:
-        """Launch every bucket's gather (``prepare(bi)`` first, e.g. its update), in forward order;
-        wait now while that order is still unknown."""
+        """Launch every bucket's gather in forward order, ``prepare(bi)`` (its update) just
+        before it; wait now while that order is still unknown (the caller prepares first then)."""
         if self.order is None:
-            for bi in range(len(self.buckets)) if prepare else ():
-                prepare(bi)
+            assert prepare is None, "the forward order is not recorded yet: update before launch()"
             for p in [gather(bi) for bi in range(len(self.buckets))]:
                 p.wait()
             self._recording, self._touched = [], set()
