@@ -335,6 +335,57 @@ def overlap_reads(group) -> dict:
     return out
 
 
+def profiled(group) -> dict:
+    """``torch.profiler`` windows that close right after ``step()`` (a context manager, a
+    schedule) or after a backward, with overlap on (the default): torch 2.13 crashes a gloo
+    process whose work launched under the profiler is waited after the profile is freed, so such
+    work must not outlive the profiled call. Training stays exact across the windows."""
+    return {f"s{s}": _profiled(group, s) for s in (1, 2)}
+
+
+def _profiled(group, stage: int) -> dict:
+    act = [torch.profiler.ProfilerActivity.CPU]
+    rank, ws = dist.get_rank(group), dist.get_world_size(group)
+    b = GLOBAL // ws
+    torch.manual_seed(0)
+    model = Reader()
+    ref = copy.deepcopy(model)
+    opt = ZeroAdamW(model.parameters(), lr=LR, process_group=group, stage=stage, bucket_mb=0.002)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
+    worst, steps = 0.0, 0
+
+    def one(backward_only=None) -> None:
+        nonlocal steps
+        x, y = data(steps)
+        with backward_only or contextlib.nullcontext():
+            loss_of(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]).backward()
+        opt.step()
+        loss_of(ref, x, y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        steps += 1
+
+    for _ in range(3):     # a profiled step, the profile freed before the next forward
+        with torch.profiler.profile(activities=act) as prof:
+            one()
+        del prof
+        gc.collect()
+        worst = max(worst, diff(model, ref))
+    sched = torch.profiler.schedule(wait=0, warmup=0, active=1, repeat=3)
+    with torch.profiler.profile(activities=act, schedule=sched) as prof:
+        for _ in range(4):
+            one()
+            prof.step()
+    del prof
+    gc.collect()
+    for _ in range(2):     # only the backward profiled, step() outside
+        one(torch.profiler.profile(activities=act))
+        gc.collect()
+    worst = max(worst, diff(model, ref))
+    opt.close()
+    return {"diff": [worst], "loss": 0.0, "steps": steps}
+
+
 def dtypes(group) -> dict:
     out = {}
     for s in (1, 2):

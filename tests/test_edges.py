@@ -8,7 +8,7 @@ import pytest
 import _spawn
 
 TOL = 1e-5          # max |param - AdamW reference| (fp32, lr 1e-2, values ~0.1-1)
-CASES = ["reentrant", "multi_backward", "lifetime", "freezing", "no_gradient", "overlap_reads",
+CASES = ["reentrant", "multi_backward", "lifetime", "freezing", "no_gradient", "overlap_reads", "profiled",
          "dtypes", "startup_sync", "frozen_checkpoint"]
 
 
@@ -91,6 +91,15 @@ def test_overlap_gather_never_reads_stale_weights(edges):
         for s in (1, 2):
             exact(r[f"train-s{s}"], f"functional read, stage {s} ws{ws}")
             assert r[f"eval-s{s}"] == 0.0, (s, ws, r)
+
+
+def test_profiler_windows_around_overlapped_steps_neither_crash_nor_change_training(edges):
+    """A torch.profiler window closing right after step() (or after a backward) left gloo work in
+    flight; torch 2.13 crashed the process when that work was waited after the profile was freed."""
+    for ws, r in results(edges, "profiled"):
+        for s in (1, 2):
+            exact(r[f"s{s}"], f"profiled steps, stage {s} ws{ws}")
+            assert r[f"s{s}"]["steps"] == 9
 
 
 def test_dtype_edges(edges):

@@ -113,6 +113,14 @@ class Comm:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def must_finish_now(self) -> bool:
+        """True while ``torch.profiler`` records on a gloo group: then no asynchronous work may
+        outlive the call that launched it. torch 2.13's gloo work created under the profiler and
+        waited after the profiler stopped crashes the process when the profile is freed (``free():
+        invalid pointer`` / SIGSEGV; reproduced with plain ``isend``/``irecv``), and a profiler
+        window usually closes right after ``step()``, with the overlapped gathers in flight."""
+        return self.backend == "gloo" and self.distributed and torch._C._autograd._profiler_enabled()
+
     def _failure(self, what: str) -> Callable[[Exception], CollectiveError]:
         def fail(e: Exception) -> CollectiveError:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
