@@ -14,7 +14,10 @@ costs CPU wherever it runs, so what overlap can still win is the idle part. Comm
 overlapped with compute shows up inside forward (zero-adam's all-gather waits) or backward
 (gradient reductions); "step" holds the optimizer and whatever waits it holds.
 ``--profile`` then runs two more steps of each under ``torch.profiler`` and prints, per method,
-the operators with the most self time on rank 0.
+the operators with the most self time on rank 0. The last column is each rank's median CPU time
+per step (all its threads) and, in brackets, its idle time: on CPU-bound ranks the slower rank's
+CPU sets the pace, and the other rank's surplus shows up as idle time where it next needs the
+slower one's data.
 """
 
 from __future__ import annotations
@@ -98,15 +101,22 @@ def main() -> None:
                         wall[name][ph].append(w)
                         idle[name][ph].append(w - c)
             runs[name].finish()
+    cpu = {n: (statistics.median(sum(v) for v in zip(*((w - i for w, i in zip(wall[n][ph], idle[n][ph]))
+                                                        for ph in PHASES))),
+               statistics.median(sum(v) for v in zip(*(idle[n][ph] for ph in PHASES)))) for n in runs}
+    per_rank: list = [None] * rt.world_size
+    dist.all_gather_object(per_rank, cpu)
     if rt.is_main:
-        print(f"{a.model} x{a.micro_batch}, {rt.world_size} ranks, {a.rounds} rounds: median ms (idle ms)")
-        print("| method | forward | backward | step | total |")
-        print("| --- | --- | --- | --- | --- |")
+        print(f"{a.model} x{a.micro_batch}, {rt.world_size} ranks, {a.rounds} rounds: median ms (idle ms); "
+              "rank 0's phases, and every rank's CPU and idle time per step")
+        print("| method | forward | backward | step | total | CPU (idle) per step, by rank |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for name in runs:
             med = [(statistics.median(wall[name][ph]), statistics.median(idle[name][ph])) for ph in PHASES]
             cells = [f"{w * 1e3:.0f} ({i * 1e3:.0f})" for w, i in med]
             total = [sum(v) for v in zip(*(wall[name][ph] for ph in PHASES))]
-            print(f"| {name} | " + " | ".join(cells) + f" | {statistics.median(total) * 1e3:.0f} |")
+            ranks = " / ".join(f"{r[name][0] * 1e3:.0f} ({r[name][1] * 1e3:.0f})" for r in per_rank)
+            print(f"| {name} | " + " | ".join(cells) + f" | {statistics.median(total) * 1e3:.0f} | {ranks} |")
     if a.profile:
         profile(runs, x, rt.is_main)
     runtime.shutdown()
