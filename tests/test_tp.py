@@ -18,6 +18,8 @@ def test_tp_dp_matches_single_process_adamw(results, stage):
         c = r[f"stage{stage}"]
         assert c["param"] < 1e-5 and c["norm_rel"] < 1e-5 and c["loss"] < 1e-5, c
         assert c["sharded_buckets"] > 0
+        # full_tensor() / to_local() right after step() wait for that parameter's overlapped gather
+        assert c["dtensor_reads"] >= 4 and c["dtensor_reads_unwaited"] == 0, c
 
 
 @pytest.mark.parametrize("stage", [1, 2])

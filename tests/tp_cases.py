@@ -30,8 +30,9 @@ def tp_dp(stage: int) -> dict:
     ref_groups = [{"params": [p for _, p in g["params"]], "weight_decay": g["weight_decay"]}
                   for g in param_groups(ref, optim_cfg)]
     ref_opt = torch.optim.AdamW(ref_groups, lr=1e-2)
+    _lazy_gathers(opt)
     dp = mesh.get_local_rank("dp")
-    out = {"param": 0.0, "norm_rel": 0.0, "loss": 0.0}
+    out = {"param": 0.0, "norm_rel": 0.0, "loss": 0.0, "dtensor_reads": 0, "dtensor_reads_unwaited": 0}
     for step in range(6):
         x = torch.randint(0, CFG.vocab_size, (8, 16), generator=torch.Generator().manual_seed(step))
         mine = x[dp * 4:(dp + 1) * 4]
@@ -46,8 +47,9 @@ def tp_dp(stage: int) -> dict:
         ref_opt.step()
         ref_opt.zero_grad()
         out["norm_rel"] = max(out["norm_rel"], abs(opt.last_grad_norm - norm) / norm)
-        opt.wait_params()   # full_tensor() is a collective on the parameter itself: the guard cannot see it
-        for p, q in zip(model.parameters(), ref.parameters()):
+        _dtensor_reads_wait(opt, model, out)
+        for p, q in zip(model.parameters(), ref.parameters()):   # right after step(), gathers in flight:
+            # full_tensor() is a collective on the local shard, which the read guard must see
             full = p.full_tensor() if hasattr(p, "full_tensor") else p
             out["param"] = max(out["param"], (full.detach() - q.detach()).abs().max().item())
     planned = plan_params(param_groups(Llama(CFG).to("meta"), optim_cfg), bucket_mb=0.001, world_size=2,
@@ -59,6 +61,37 @@ def tp_dp(stage: int) -> dict:
                                                                  "exp_avg_sq"))
     out["sharded_buckets"] = sum(fb.bucket.tp_sharded for fb in opt.buckets)
     return out
+
+
+class _Lazy:
+    """A parameter all-gather that starts only when waited for: until then the parameters hold
+    the previous step's values, so any read the overlap guard lets through before waiting is
+    stale for certain, not only when the wire happens to be slow."""
+
+    def __init__(self, start) -> None:
+        self.start = start
+
+    def wait(self) -> None:
+        self.start().wait()
+
+
+def _lazy_gathers(opt) -> None:
+    real = opt._gather_one
+    opt._gather_one = lambda bi: _Lazy(lambda: real(bi))
+
+
+def _dtensor_reads_wait(opt, model, out: dict) -> None:
+    """Right after step(): ``full_tensor()`` (a collective) or ``to_local()`` (a view of the
+    local shard) of a DTensor whose all-gather is in flight must first wait for that gather.
+    Every rank has the same gathers pending, so all call the same collectives."""
+    pf = opt._prefetch
+    if pf is None or not pf.pending:
+        return
+    for i, p in enumerate(model.parameters()):   # sharded ones (a collective), replicated ones
+        if hasattr(p, "full_tensor") and any(bi in pf.pending for bi in pf.bucket_of[id(p)]):
+            p.to_local().clone() if i % 2 else p.full_tensor()
+            out["dtensor_reads"] += 1
+            out["dtensor_reads_unwaited"] += any(bi in pf.pending for bi in pf.bucket_of[id(p)])
 
 
 def bf16() -> dict:

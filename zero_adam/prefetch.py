@@ -11,7 +11,9 @@ The order is only a schedule. Correctness is per parameter, in train and eval mo
 gather is in flight a ``TorchFunctionMode`` (``_ReadGuard``) looks at the arguments of every torch
 call, and a call that reads (or writes) a parameter whose bucket is still being gathered waits for
 that bucket first: a parent module calling ``F.linear(x, self.child.weight)``, an EMA update, a
-``state_dict()``. The guard leaves the mode stack once the last gather has been waited for.
+``state_dict()``, a DTensor parameter's ``full_tensor()`` or ``to_local()`` (its local shard is
+watched too: ``to_local()`` reads only that). The guard leaves the mode stack once the last
+gather has been waited for.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .comm import Comm, Pending
+from .dtensor import local
 
 
 class _ReadGuard(TorchFunctionMode):
@@ -65,8 +68,9 @@ class GatherPrefetch:
         for fb in buckets:
             bi = len(self.buckets)
             self.buckets.append(fb)
-            for p in fb.params:
-                self.bucket_of[id(p)] = self.bucket_of.get(id(p), ()) + (bi,)
+            for p in fb.params:   # a DTensor's local shard too (to_local() reads only that)
+                for key in dict.fromkeys((id(p), id(local(p)))):
+                    self.bucket_of[key] = self.bucket_of.get(key, ()) + (bi,)
         self.wait_all()
         self.order, self._recording = None, None
         self._modules = weakref.WeakKeyDictionary()
