@@ -48,8 +48,7 @@ def tp_dp(stage: int) -> dict:
         ref_opt.zero_grad()
         out["norm_rel"] = max(out["norm_rel"], abs(opt.last_grad_norm - norm) / norm)
         _dtensor_reads_wait(opt, model, out)
-        for p, q in zip(model.parameters(), ref.parameters()):   # right after step(), gathers in flight:
-            # full_tensor() is a collective on the local shard, which the read guard must see
+        for p, q in zip(model.parameters(), ref.parameters()):   # right after step(), gathers pending
             full = p.full_tensor() if hasattr(p, "full_tensor") else p
             out["param"] = max(out["param"], (full.detach() - q.detach()).abs().max().item())
     planned = plan_params(param_groups(Llama(CFG).to("meta"), optim_cfg), bucket_mb=0.001, world_size=2,

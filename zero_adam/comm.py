@@ -42,15 +42,19 @@ class Pending:
                  fail: Callable[[Exception], CollectiveError] | None = None) -> None:
         self._work, self._finish, self.done, self._fail = work, finish, False, fail
 
-    def wait(self) -> None:
-        if self.done:
-            return
+    def finish_transfer(self) -> None:
+        """Complete the backend's part now; the local work that completes it runs at ``wait()``."""
         if self._work is not None:
             try:
                 self._work.wait()
             except RuntimeError as e:
                 raise (self._fail(e) if self._fail else e) from e
             self._work = None  # do not keep the backend's work object alive past its use
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        self.finish_transfer()
         if self._finish is not None:
             self._finish()
         self.done = True
@@ -113,13 +117,16 @@ class Comm:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def must_finish_now(self) -> bool:
-        """True while ``torch.profiler`` records on a gloo group: then no asynchronous work may
-        outlive the call that launched it. torch 2.13's gloo work created under the profiler and
-        waited after the profiler stopped crashes the process when the profile is freed (``free():
-        invalid pointer`` / SIGSEGV; reproduced with plain ``isend``/``irecv``), and a profiler
-        window usually closes right after ``step()``, with the overlapped gathers in flight."""
-        return self.backend == "gloo" and self.distributed and torch._C._autograd._profiler_enabled()
+    def _launched(self, pending: Pending) -> Pending:
+        """Every asynchronous operation passes here. While ``torch.profiler`` records on a gloo
+        group its transfer completes before the launching call returns: torch 2.13's gloo work
+        created under the profiler and waited after the profiler stopped crashes the process when
+        the profile is freed (``free(): invalid pointer`` / SIGSEGV; reproduced with plain
+        ``isend``/``irecv``), and profiler windows close right after ``step()`` or a backward,
+        with overlapped gathers or reductions in flight. Profiled steps on gloo do not overlap."""
+        if self.backend == "gloo" and torch._C._autograd._profiler_enabled():
+            pending.finish_transfer()
+        return pending
 
     def _failure(self, what: str) -> Callable[[Exception], CollectiveError]:
         def fail(e: Exception) -> CollectiveError:
@@ -153,8 +160,9 @@ class Comm:
         self.traffic.add("reduce", full.numel() * full.element_size())
         what = f"{what} ({self.reduce_collective} of {full.numel() * full.element_size():,} bytes)"
         if self.reduce_collective == "exchange":
-            return self._call(what, self.exchange.reduce, full, lo, hi,
-                              lambda works, finish: Pending(works, finish, self._failure(what)), out)
+            def pending(works: Any, finish: Callable[[], None]) -> Pending:
+                return self._launched(Pending(works, finish, self._failure(what)))
+            return self._call(what, self.exchange.reduce, full, lo, hi, pending, out)
         if self.reduce_collective == "all_reduce":
             work = self._call(what, dist.all_reduce, full, op=op, group=self.group, async_op=True)
         else:
@@ -165,7 +173,7 @@ class Comm:
                 shard.div_(self.world_size)
             if out is not None:
                 out.copy_(shard)
-        return Pending(work, finish, self._failure(what))
+        return self._launched(Pending(work, finish, self._failure(what)))
 
     def all_gather(self, full: torch.Tensor, lo: int, hi: int, what: str = "parameter all-gather") -> Pending:
         """Fill ``full`` in place from every rank's ``full[lo:hi]`` (equal-sized shards)."""
@@ -184,7 +192,7 @@ class Comm:
         else:
             work = self._call(what, dist.all_gather_single, full, full[lo:hi], group=self.group,
                               async_op=True)
-        return Pending(work, None, self._failure(what))
+        return self._launched(Pending(work, None, self._failure(what)))
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a small tensor over the group, in place (blocking)."""

@@ -239,10 +239,6 @@ class GradSync:
             t.learn()
         if self._launching():
             self._launch_rest()
-        if self.comm.must_finish_now():   # profiled on gloo: finish with the backward, as DDP does
-            for bi, t in enumerate(self.tracks):
-                if t.state is BucketState.REDUCING:
-                    self._settle(bi)
 
     # -- internals -----------------------------------------------------------------------------
     def _launching(self) -> bool:

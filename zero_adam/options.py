@@ -45,7 +45,7 @@ class ShardingOptions:
       another thread, or a ``torch.distributed`` call on the parameter tensor itself; call
       ``opt.wait_params()`` before those, or pass ``False`` (``step()`` then returns with the
       model current, at the cost of the gather's time). Profiled steps on gloo do not overlap
-      (``Comm.must_finish_now``).
+      (``Comm._launched``).
     * ``nonfinite``: what a step does when the gradient holds an inf or NaN (without a loss
       scaler): ``"skip"`` it on every rank, touching no state, or ``"raise"`` an error naming the
       parameters. With fp16 loss scaling, overflowing steps are always skipped.
