@@ -17,12 +17,15 @@ overlapped with compute shows up inside forward (zero-adam's all-gather waits) o
 the operators with the most self time on rank 0. The last column is each rank's median CPU time
 per step (all its threads) and, in brackets, its idle time: on CPU-bound ranks the slower rank's
 CPU sets the pace, and the other rank's surplus shows up as idle time where it next needs the
-slower one's data.
+slower one's data. A second table splits each rank's CPU per step into its main thread (the
+training loop) and its other threads (gloo's), and gives the machine's idle core time per step
+(``/proc/stat``, all cores; Linux only): time no process used, which overlap could still fill.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -70,6 +73,52 @@ def phase_marks() -> list[tuple[str, float, float]]:
     return marks
 
 
+def machine_idle_s() -> float | None:
+    """Idle core-seconds of the whole machine so far (all cores, /proc/stat), None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    return int(fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class ThreadSplit:
+    """Per step: this process's main-thread CPU, its other threads' CPU, and the machine's idle
+    core time, each a list of seconds per method."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.main = {n: [] for n in names}
+        self.other = {n: [] for n in names}
+        self.idle = {n: [] for n in names}
+
+    def start(self) -> None:
+        self._t = (time.thread_time(), cpu_s(), machine_idle_s())
+
+    def stop(self, name: str) -> None:
+        t, c, i = self._t
+        main = time.thread_time() - t
+        self.main[name].append(main)
+        self.other[name].append(cpu_s() - c - main)
+        if i is not None:
+            self.idle[name].append(machine_idle_s() - i)
+
+    def medians_ms(self) -> dict[str, tuple[float, float, float | None]]:
+        med = lambda v: statistics.median(v) * 1e3 if v else None   # noqa: E731
+        return {n: (med(self.main[n]), med(self.other[n]), med(self.idle[n])) for n in self.main}
+
+
+def print_split(per_rank: list[dict]) -> None:
+    print("\n| method | main-thread CPU per step, by rank | other threads' CPU, by rank | "
+          "machine idle core time per step (rank 0's view) |")
+    print("| --- | --- | --- | --- |")
+    for name in per_rank[0]:
+        main = " / ".join(f"{r[name][0]:.0f}" for r in per_rank)
+        other = " / ".join(f"{r[name][1]:.0f}" for r in per_rank)
+        idle = per_rank[0][name][2]
+        print(f"| {name} | {main} | {other} | {'-' if idle is None else f'{idle:.0f}'} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama", choices=["llama", "gpt"])
@@ -89,14 +138,17 @@ def main() -> None:
     wall = {n: {ph: [] for ph in PHASES} for n in runs}
     idle = {n: {ph: [] for ph in PHASES} for n in runs}
     g = torch.Generator().manual_seed(rt.rank)
+    split = ThreadSplit(list(runs))
     for r in range(a.rounds + 1):
         for name in a.methods[r % len(a.methods):] + a.methods[:r % len(a.methods)]:
             dist.barrier()
             for k in range(3):
                 x = torch.randint(0, shapes.VOCAB, (a.micro_batch, shapes.SEQ), generator=g)
                 marks.clear()
+                split.start()
                 runs[name].step(x.to(rt.device), x.to(rt.device))
                 if r and k:
+                    split.stop(name)
                     for ph, w, c in marks:
                         wall[name][ph].append(w)
                         idle[name][ph].append(w - c)
@@ -106,6 +158,8 @@ def main() -> None:
                statistics.median(sum(v) for v in zip(*(idle[n][ph] for ph in PHASES)))) for n in runs}
     per_rank: list = [None] * rt.world_size
     dist.all_gather_object(per_rank, cpu)
+    splits: list = [None] * rt.world_size
+    dist.all_gather_object(splits, split.medians_ms())
     if rt.is_main:
         print(f"{a.model} x{a.micro_batch}, {rt.world_size} ranks, {a.rounds} rounds: median ms (idle ms); "
               "rank 0's phases, and every rank's CPU and idle time per step")
@@ -117,6 +171,7 @@ def main() -> None:
             total = [sum(v) for v in zip(*(wall[name][ph] for ph in PHASES))]
             ranks = " / ".join(f"{r[name][0] * 1e3:.0f} ({r[name][1] * 1e3:.0f})" for r in per_rank)
             print(f"| {name} | " + " | ".join(cells) + f" | {statistics.median(total) * 1e3:.0f} | {ranks} |")
+        print_split(splits)
     if a.profile:
         profile(runs, x, rt.is_main)
     runtime.shutdown()
