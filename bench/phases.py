@@ -156,10 +156,9 @@ def main() -> None:
     cpu = {n: (statistics.median(sum(v) for v in zip(*((w - i for w, i in zip(wall[n][ph], idle[n][ph]))
                                                         for ph in PHASES))),
                statistics.median(sum(v) for v in zip(*(idle[n][ph] for ph in PHASES)))) for n in runs}
-    per_rank: list = [None] * rt.world_size
-    dist.all_gather_object(per_rank, cpu)
-    splits: list = [None] * rt.world_size
-    dist.all_gather_object(splits, split.medians_ms())
+    gathered: list = [None] * rt.world_size
+    dist.all_gather_object(gathered, (cpu, split.medians_ms()))
+    per_rank, splits = [g[0] for g in gathered], [g[1] for g in gathered]
     if rt.is_main:
         print(f"{a.model} x{a.micro_batch}, {rt.world_size} ranks, {a.rounds} rounds: median ms (idle ms); "
               "rank 0's phases, and every rank's CPU and idle time per step")
