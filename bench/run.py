@@ -115,7 +115,7 @@ def main() -> None:
                "setup": {"nproc": a.nproc, "device": a.device, "rounds": a.rounds, "block": a.block,
                          "field_rounds": a.field_rounds, "field": a.field, "warmup": a.warmup,
                          "minutes": (time.time() - started) / 60, "date": time.strftime("%Y-%m-%d %H:%M"),
-                         "command": "python bench/run.py " + " ".join(sys.argv[1:])}}
+                         "command": " ".join(["python bench/run.py", *sys.argv[1:]])}}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
