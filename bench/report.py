@@ -116,10 +116,24 @@ def kernel_lines(k: dict) -> list[str]:
         f"fused over 16 pieces instead of one flat shard: {k['fused_16_pieces_s'] * 1e3:.1f} ms."]
 
 
-def verdict(value: float | None, limit: float, unit: str = "x") -> str:
+def verdict(value: float | None, limit: float, unit: str = "x", ci: list[float] | None = None) -> str:
+    """Met or missed by the median; with its 95% interval, and "tie" when the interval holds the
+    limit (the run cannot tell the two methods apart there)."""
     if value is None:
         return "not measured in this run"
-    return f"**{'met' if value <= limit else 'missed'}**, {value:.3f}{unit}"
+    out = f"**{'met' if value <= limit else 'missed'}**, {value:.3f}{unit}"
+    if ci:
+        out += f" [{ci[0]:.3f}, {ci[1]:.3f}]{' tie' if ci[0] <= limit <= ci[1] else ''}"
+    return out
+
+
+def _paired(z: dict) -> str:
+    """zero-adam's minus DDP's time per round (ms), with its 95% interval when the run has one."""
+    out = f"paired per round {z['minus_ddp_s'] * 1e3:+.0f}"
+    ci = z.get("minus_ddp_ci")
+    if ci:
+        out += f" [{ci[0] * 1e3:+.0f}, {ci[1] * 1e3:+.0f}]{' tie' if ci[0] <= 0 <= ci[1] else ''}"
+    return out
 
 
 def targets(summary: dict) -> list[str]:
@@ -139,12 +153,18 @@ def targets(summary: dict) -> list[str]:
                 else "missed"
             over = f"**{ok}**, {z['over_floor_s'] * 1e3:.0f} vs {d['over_floor_s'] * 1e3:.0f}"
             if paired is not None:
-                over += f"; paired per round {paired * 1e3:+.0f}"
+                over += "; " + _paired(z)
         vs_ds = "-"
         if z and ds:
             vs_ds = f"{z['step_s'] / ds['step_s']:.3f}x (DeepSpeed {ds['ratio_to_ddp']:.3f}x DDP)"
-        lines.append(f"| {key} | {verdict(z and z['ratio_to_ddp'], 1.0)} | {over} | {vs_ds} | "
+        ratio = verdict(z and z["ratio_to_ddp"], 1.0, ci=z and z.get("ratio_to_ddp_ci"))
+        lines.append(f"| {key} | {ratio} | {over} | {vs_ds} | "
                      f"{max(losses) - min(losses):.1e} ({len(losses)} methods) |")
+    if any(c["methods"].get(DEFAULTS, {}).get("ratio_to_ddp_ci") for c in summary["configs"].values()):
+        lines += ["", "In brackets: the 95% interval of each median (sign test over the timed steps' "
+                  "per-round values). `tie`: the interval holds the limit, so this run cannot tell "
+                  "zero-adam from DDP there; a median on the right side of the limit is then luck as "
+                  "much as speed."]
     z = {k: c["methods"].get(DEFAULTS) for k, c in summary["configs"].items()}
     coll = next((r["collectives"] for r in z.values() if r and r.get("collectives")), None)
     if coll:

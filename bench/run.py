@@ -13,7 +13,8 @@ GPT built from ``nn.MultiheadAttention``, both ~16M FP32 parameters) x ``--micro
   ``--block`` consecutive steps in turn (order rotating; the first step of a block untimed, so
   each timed step starts in the method's steady state, and the block's in-flight communication
   finished untimed before another method runs): the shared machine's slow phases hit all alike.
-  Per method: median step time, the medians of per-round ratios to DDP and to the floor, and the
+  Per method: median step time, the medians of per-round ratios to DDP and to the floor (with a
+  95% interval against DDP, ``median_ci``), and the
   median per-round time above the floor (what communication and bookkeeping cost), bytes sent
   per step by collective and phase (forward, backward, step), optimizer-state bytes and the loss
   after the last step (every method but the floor averages gradients, so all must agree).
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -138,6 +140,33 @@ def round_excess(rounds: dict[str, list[float]], a: str, b: str) -> float | None
     return statistics.median(t - u for t, u in zip(rounds[a], rounds[b]))
 
 
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval for the median of ``values`` (the sign test's: the
+    k-th smallest and k-th largest value, k from the binomial(n, 1/2) tail), or None when there
+    are too few values for that level (fewer than 6 at 95%). The timed steps of one round are
+    not independent, so read it as the spread of the run rather than an exact probability."""
+    xs, n = sorted(values), len(values)
+    tail, k = 0.0, 0
+    while k < n and tail + math.comb(n, k) / 2 ** n <= (1 - level) / 2:
+        tail += math.comb(n, k) / 2 ** n
+        k += 1
+    return None if k == 0 else (xs[k - 1], xs[n - k])
+
+
+def round_ratio_ci(rounds: dict[str, list[float]], a: str, b: str) -> tuple[float, float] | None:
+    """``median_ci`` of the per-round ratios time(a) / time(b) that ``round_ratio`` takes the median of."""
+    if not rounds.get(a) or not rounds.get(b):
+        return None
+    return median_ci([t / u for t, u in zip(rounds[a], rounds[b])])
+
+
+def round_excess_ci(rounds: dict[str, list[float]], a: str, b: str) -> tuple[float, float] | None:
+    """``median_ci`` of the per-round differences time(a) - time(b), in seconds."""
+    if not rounds.get(a) or not rounds.get(b):
+        return None
+    return median_ci([t - u for t, u in zip(rounds[a], rounds[b])])
+
+
 SCALARS = 1024   # bytes per step below which traffic is scalars (norms, overflow flags), not a direction
 
 
@@ -171,6 +200,8 @@ def summarize(job: dict) -> dict:
         rows[m] = {
             "step_s": statistics.median(ts), "step_s_iqr": [q[0], q[2]], "samples": len(ts),
             "ratio_to_ddp": round_ratio(rounds, m, "ddp"), "minus_ddp_s": round_excess(rounds, m, "ddp"),
+            "ratio_to_ddp_ci": round_ratio_ci(rounds, m, "ddp"),
+            "minus_ddp_ci": round_excess_ci(rounds, m, "ddp"),
             "ratio_to_floor": round_ratio(rounds, m, "floor") if has_floor else None,
             "over_floor_s": round_excess(rounds, m, "floor") if has_floor else None,
             "state_bytes": r["state_bytes"], "final_loss": r["final_loss"], "params": r["params"],

@@ -39,6 +39,29 @@ def test_round_ratio_is_the_median_of_per_round_ratios() -> None:
     assert run.round_excess(rounds, "a", "b") == 1.0
 
 
+def test_median_interval_is_the_sign_test_order_statistics() -> None:
+    """95% interval of a median from n values: the k-th smallest and largest, k the largest count
+    whose binomial(n, 1/2) tail stays within 2.5% (k = 9 for 28 values, 1 for 6: 2 * 1/64 = 3.1%)."""
+    assert run.median_ci([float(v) for v in range(28)][::-1]) == (8.0, 19.0)
+    assert run.median_ci([5.0, 1.0, 4.0, 2.0, 6.0, 3.0]) == (1.0, 6.0)
+    assert run.median_ci([1.0, 2.0, 3.0, 4.0, 5.0]) is None    # 2 * 1/32 > 5%: no 95% interval
+    rounds = {"a": [1.1, 0.9] * 5, "b": [1.0] * 10}
+    assert run.round_ratio_ci(rounds, "a", "b") == pytest.approx((0.9, 1.1))
+    assert run.round_excess_ci(rounds, "a", "b") == pytest.approx((-0.1, 0.1))
+    assert run.round_ratio_ci(rounds, "a", "missing") is None
+
+
+def test_targets_show_the_interval_and_call_a_straddled_limit_a_tie() -> None:
+    row = {"ratio_to_ddp": 0.98, "ratio_to_ddp_ci": [0.95, 1.02], "over_floor_s": 0.2,
+           "minus_ddp_s": -0.03, "minus_ddp_ci": [-0.06, -0.01], "final_loss": 2.5, "collectives": {}}
+    ddp = {"ratio_to_ddp": 1.0, "over_floor_s": 0.23, "final_loss": 2.5}
+    lines = report.targets({"configs": {"llama x8": {"methods": {"zero-adam-2": row, "ddp": ddp}}}})
+    text = "\n".join(lines)
+    assert "| llama x8 | **met**, 0.980x [0.950, 1.020] tie | **met**, 200 vs 230; paired per round " \
+           "-30 [-60, -10] |" in text
+    assert "cannot tell zero-adam from DDP" in text
+
+
 def test_traffic_is_split_by_direction() -> None:
     """Gradients travel in backward or as a reduce-scatter; parameters in forward/step or as an
     all-gather (FSDP2's re-gather in backward too); a few bytes are scalars."""
