@@ -32,7 +32,7 @@ train: setup
 	$(PY) launch/train.py --config $(CONFIG) --check $(ARGS)
 	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) launch/train.py --config $(CONFIG) $(ARGS)
 
-# Benchmark against the no-communication floor, DDP, torch ZeRO, DeepSpeed ZeRO-1/2 and FSDP2; writes docs/benchmarks.md (~15 min on 2 cores).
+# Benchmark against the no-communication floor, DDP, torch ZeRO, DeepSpeed ZeRO-1/2 and FSDP2; writes docs/benchmarks.md (~45 min on 2 cores).
 bench: setup
 	$(PY) bench/run.py
 

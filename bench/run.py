@@ -67,7 +67,8 @@ def main() -> None:
     p.add_argument("--verdict-methods", nargs="+", default=["floor", "ddp", "zero-adam-2"])
     p.add_argument("--models", nargs="+", default=["llama", "gpt"], choices=["llama", "gpt"])
     p.add_argument("--micro-batches", nargs="+", type=int, default=[4, 8])
-    p.add_argument("--rounds", type=int, default=14, help="timed rounds per verdict job")
+    p.add_argument("--rounds", type=int, default=28,
+                   help="timed rounds per verdict job (at 14, every configuration's interval held 1.0x)")
     p.add_argument("--methods", nargs="*", default=METHODS, help="the field (none: no field job)")
     p.add_argument("--field", default="llama x8", help="configuration of the field job: '<model> x<batch>'")
     p.add_argument("--field-rounds", type=int, default=4)

@@ -60,6 +60,8 @@ def test_targets_show_the_interval_and_call_a_straddled_limit_a_tie() -> None:
     assert "| llama x8 | **met**, 0.980x [0.950, 1.020] tie | **met**, 200 vs 230; paired per round " \
            "-30 [-60, -10] |" in text
     assert "cannot tell zero-adam from DDP" in text
+    assert report._fmt_ratio(1.0534, [0.951, 1.183]) == "1.053x [0.95, 1.18]"
+    assert report._fmt_ratio(1.0534) == "1.053x" and report._fmt_ratio(None, [0.9, 1.1]) == "-"
 
 
 def test_traffic_is_split_by_direction() -> None:
