@@ -121,24 +121,25 @@ def kernel_lines(k: dict) -> list[str]:
         f"fused over 16 pieces instead of one flat shard: {k['fused_16_pieces_s'] * 1e3:.1f} ms."]
 
 
+def _interval(ci: list[float] | None, limit: float, scale: float = 1.0, fmt: str = ".3f") -> str:
+    """' [lo, hi]' and ' tie' when it holds ``limit`` (the run cannot tell the methods apart)."""
+    if not ci:
+        return ""
+    lo, hi = ci[0] * scale, ci[1] * scale
+    return f" [{lo:{fmt}}, {hi:{fmt}}]" + (" tie" if ci[0] <= limit <= ci[1] else "")
+
+
 def verdict(value: float | None, limit: float, unit: str = "x", ci: list[float] | None = None) -> str:
-    """Met or missed by the median; with its 95% interval, and "tie" when the interval holds the
-    limit (the run cannot tell the two methods apart there)."""
+    """Met or missed by the median, with its 95% interval when the run has one."""
     if value is None:
         return "not measured in this run"
-    out = f"**{'met' if value <= limit else 'missed'}**, {value:.3f}{unit}"
-    if ci:
-        out += f" [{ci[0]:.3f}, {ci[1]:.3f}]{' tie' if ci[0] <= limit <= ci[1] else ''}"
-    return out
+    return f"**{'met' if value <= limit else 'missed'}**, {value:.3f}{unit}" + _interval(ci, limit)
 
 
 def _paired(z: dict) -> str:
     """zero-adam's minus DDP's time per round (ms), with its 95% interval when the run has one."""
-    out = f"paired per round {z['minus_ddp_s'] * 1e3:+.0f}"
-    ci = z.get("minus_ddp_ci")
-    if ci:
-        out += f" [{ci[0] * 1e3:+.0f}, {ci[1] * 1e3:+.0f}]{' tie' if ci[0] <= 0 <= ci[1] else ''}"
-    return out
+    ci = _interval(z.get("minus_ddp_ci"), 0, 1e3, "+.0f")
+    return f"paired per round {z['minus_ddp_s'] * 1e3:+.0f}{ci}"
 
 
 def targets(summary: dict) -> list[str]:

@@ -126,19 +126,12 @@ def main() -> None:
     print(f"wrote {out}, {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
-def round_ratio(rounds: dict[str, list[float]], a: str, b: str) -> float | None:
-    """Median over interleaved rounds of time(a) / time(b): both ran in the same round, so a slow
-    phase of the shared machine scales both and cancels out of the ratio."""
+def per_round(rounds: dict[str, list[float]], a: str, b: str, fn) -> list[float] | None:
+    """``fn(time(a), time(b))`` for each pair of steps timed in the same interleaved round: a slow
+    phase of the shared machine hits both and cancels out of a ratio or a difference."""
     if not rounds.get(a) or not rounds.get(b):
         return None
-    return statistics.median(t / u for t, u in zip(rounds[a], rounds[b]))
-
-
-def round_excess(rounds: dict[str, list[float]], a: str, b: str) -> float | None:
-    """Median over rounds of time(a) - time(b), in seconds (``a``'s cost above ``b``)."""
-    if not rounds.get(a) or not rounds.get(b):
-        return None
-    return statistics.median(t - u for t, u in zip(rounds[a], rounds[b]))
+    return [fn(t, u) for t, u in zip(rounds[a], rounds[b])]
 
 
 def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
@@ -154,18 +147,36 @@ def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float] |
     return None if k == 0 else (xs[k - 1], xs[n - k])
 
 
+def _ratio(t: float, u: float) -> float:
+    return t / u
+
+
+def _excess(t: float, u: float) -> float:
+    return t - u
+
+
+def round_ratio(rounds: dict[str, list[float]], a: str, b: str) -> float | None:
+    """Median over interleaved rounds of time(a) / time(b)."""
+    v = per_round(rounds, a, b, _ratio)
+    return None if v is None else statistics.median(v)
+
+
+def round_excess(rounds: dict[str, list[float]], a: str, b: str) -> float | None:
+    """Median over rounds of time(a) - time(b), in seconds (``a``'s cost above ``b``)."""
+    v = per_round(rounds, a, b, _excess)
+    return None if v is None else statistics.median(v)
+
+
 def round_ratio_ci(rounds: dict[str, list[float]], a: str, b: str) -> tuple[float, float] | None:
-    """``median_ci`` of the per-round ratios time(a) / time(b) that ``round_ratio`` takes the median of."""
-    if not rounds.get(a) or not rounds.get(b):
-        return None
-    return median_ci([t / u for t, u in zip(rounds[a], rounds[b])])
+    """``median_ci`` of the per-round ratios that ``round_ratio`` takes the median of."""
+    v = per_round(rounds, a, b, _ratio)
+    return None if v is None else median_ci(v)
 
 
 def round_excess_ci(rounds: dict[str, list[float]], a: str, b: str) -> tuple[float, float] | None:
-    """``median_ci`` of the per-round differences time(a) - time(b), in seconds."""
-    if not rounds.get(a) or not rounds.get(b):
-        return None
-    return median_ci([t - u for t, u in zip(rounds[a], rounds[b])])
+    """``median_ci`` of the per-round differences that ``round_excess`` takes the median of."""
+    v = per_round(rounds, a, b, _excess)
+    return None if v is None else median_ci(v)
 
 
 SCALARS = 1024   # bytes per step below which traffic is scalars (norms, overflow flags), not a direction
