@@ -20,6 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench")]
 
+import pool  # noqa: E402
 import run  # noqa: E402
 
 import report  # noqa: E402
@@ -49,6 +50,34 @@ def test_median_interval_is_the_sign_test_order_statistics() -> None:
     assert run.round_ratio_ci(rounds, "a", "b") == pytest.approx((0.9, 1.1))
     assert run.round_excess_ci(rounds, "a", "b") == pytest.approx((-0.1, 0.1))
     assert run.round_ratio_ci(rounds, "a", "missing") is None
+
+
+def test_pool_joins_the_per_step_pairs_of_several_runs(tmp_path: Path, capsys) -> None:
+    """Two runs of 6 pairs each pool into 12 (a 95% interval that neither run has alone); a run
+    without the configuration or the method adds nothing; a wrong file or name is a clear error."""
+    def summary(z: list[float], d: list[float], key: str = "llama x8") -> dict:
+        return {"configs": {key: {"methods": {"zero-adam-2": {"step_times": z}, "ddp": {"step_times": d}}}}}
+    a = summary([0.9, 1.0, 1.1, 0.95, 1.05, 0.8], [1.0] * 6)
+    b = summary([1.2, 0.7, 0.85, 0.9, 1.3, 0.6], [1.0] * 6)
+    other = summary([1.0] * 6, [1.0] * 6, key="gpt x4")
+    out = pool.pool([a, b, other, {"configs": {"llama x8": {"methods": {"ddp": {"step_times": [1.0]}}}}}])
+    p = out["llama x8"]
+    assert (p["runs"], p["pairs"]) == (2, 12) and out["gpt x4"]["pairs"] == 6
+    assert p["ratio"] == pytest.approx(0.925) and p["minus_s"] == pytest.approx(-0.075)
+    assert p["ratio_ci"] == pytest.approx((0.8, 1.1)) and p["minus_ci"] == pytest.approx((-0.2, 0.1))
+    files = []
+    for i, s in enumerate([a, b]):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(s))
+    assert pool.main([str(f) for f in files]) == 0
+    assert "| llama x8 | 2 | 12 | 0.925x | [0.800, 1.100] | -75 | [-200, +100] |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        pool.main([str(files[0]), "--base", "nope"])
+    assert "no run has step times for both 'zero-adam-2' and 'nope'" in capsys.readouterr().err
+    (tmp_path / "out.md").write_text("| table |")
+    with pytest.raises(SystemExit):
+        pool.main([str(tmp_path / "out.md")])
+    assert "pass the .json that bench/run.py writes" in capsys.readouterr().err
 
 
 def test_targets_show_the_interval_and_call_a_straddled_limit_a_tie() -> None:
