@@ -22,6 +22,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent)]
 
 from run import median_ci, per_round  # noqa: E402
 
+from report import bracket  # noqa: E402
+
 
 def pool(summaries: list[dict], method: str = "zero-adam-2", base: str = "ddp") -> dict[str, dict]:
     """Per configuration: the pooled per-step ratios ``method``/``base`` and differences (s), with
@@ -41,7 +43,7 @@ def pool(summaries: list[dict], method: str = "zero-adam-2", base: str = "ddp") 
 
 
 def _ci(ci: tuple[float, float] | None, scale: float, fmt: str) -> str:
-    return "-" if ci is None else f"[{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
+    return "-" if ci is None else bracket(ci, scale, fmt)
 
 
 def table(pooled: dict[str, dict], method: str, base: str) -> list[str]:

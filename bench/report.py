@@ -3,6 +3,7 @@ bench/run.py's summary. Every verdict is computed from the run's own numbers."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 MIB = 2 ** 20
@@ -121,12 +122,16 @@ def kernel_lines(k: dict) -> list[str]:
         f"fused over 16 pieces instead of one flat shard: {k['fused_16_pieces_s'] * 1e3:.1f} ms."]
 
 
+def bracket(ci: Sequence[float], scale: float = 1.0, fmt: str = ".3f") -> str:
+    """'[lo, hi]': a 95% interval as every table of the benchmarks prints it."""
+    return f"[{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
+
+
 def _interval(ci: list[float] | None, limit: float, scale: float = 1.0, fmt: str = ".3f") -> str:
     """' [lo, hi]' and ' tie' when it holds ``limit`` (the run cannot tell the methods apart)."""
     if not ci:
         return ""
-    lo, hi = ci[0] * scale, ci[1] * scale
-    return f" [{lo:{fmt}}, {hi:{fmt}}]" + (" tie" if ci[0] <= limit <= ci[1] else "")
+    return " " + bracket(ci, scale, fmt) + (" tie" if ci[0] <= limit <= ci[1] else "")
 
 
 def verdict(value: float | None, limit: float, unit: str = "x", ci: list[float] | None = None) -> str:
